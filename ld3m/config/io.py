@@ -1,0 +1,207 @@
+"""Build a `Config` from defaults, a YAML file and dotted overrides; write it back out.
+
+Every key is checked against the dataclass tree and every value against its field's type,
+so a typo or a wrong type is a one-line `ConfigError` that lists the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from ld3m.config.schema import Config
+from ld3m.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then `key.sub=value` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = read_yaml(Path(path))
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(tree, key, value, source=f"override '{item}'")
+    source = f"config file {path}" if path is not None else "overrides"
+    return build(Config, tree, prefix="", source=source)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a one-line error for a missing or malformed file."""
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {path} does not exist; pass an existing YAML file to --config"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        raise ConfigError(
+            f"config file {path} is not valid YAML ({where}); fix its syntax"
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections, not {type(data).__name__}"
+        )
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split `eval.epochs=300` into ('eval.epochs', 300), the value read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(
+            f"override '{item}' must look like section.key=value, e.g. eval.epochs=300"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Assign `value` at dotted `key` inside nested dicts."""
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build(cls: type[T], data: Any, prefix: str, source: str) -> T:
+    """Instantiate dataclass `cls` from a (possibly partial) mapping, checking keys and types."""
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{where}' must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(unknown_key_message(prefix + str(key), list(fields), where, source))
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = build(hint, value, prefix + name + ".", source)
+        else:
+            values[name] = coerce(value, hint, prefix + name, source)
+    return cls(**values)
+
+
+def unknown_key_message(key: str, valid: list[str], section: str, source: str) -> str:
+    """One line naming the bad key, the closest valid key and the section's keys."""
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return (
+        f"unknown config key '{key}' ({source}){hint} valid keys in {section}: {', '.join(valid)}"
+    )
+
+
+def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check `value` against type `hint`, converting where lossless (int->float, list->tuple)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else type_message(key, value, hint, source))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"{source}: '{key}' must be one of {', '.join(map(str, args))}, got {value!r}"
+            )
+        return value
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(type_message(key, value, hint, source))
+        inner = args[0] if args else Any
+        return tuple(
+            coerce(v.strip() if isinstance(v, str) else v, inner, key, source) for v in items
+        )
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(type_message(key, value, hint, source))
+        return dict(value)
+    return coerce_scalar(value, hint, key, source)
+
+
+def coerce_scalar(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check a scalar against bool/int/float/str."""
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(type_message(key, value, hint, source))
+
+
+def type_message(key: str, value: Any, hint: Any, source: str) -> str:
+    """One line naming the key, the expected type and the value given."""
+    name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    return f"{source}: '{key}' must be of type {name}, got {value!r} ({type(value).__name__})"
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (tuples become lists), for YAML/JSON."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the merged config as YAML (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config tree."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys.extend(all_keys(hint, prefix + f.name + "."))
+        else:
+            keys.append(prefix + f.name)
+    return keys

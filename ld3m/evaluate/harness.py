@@ -1,0 +1,172 @@
+"""`ld3m eval`: architectures x run seeds for one synthetic-set file, recorded in eval.jsonl.
+
+Each finished network appends one record; a rerun (e.g. after preemption) skips the
+(set, architecture, seed, protocol) combinations already recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ld3m.artifacts import SyntheticSet, load_set
+from ld3m.config.io import to_dict
+from ld3m.config.schema import DataConfig, EvalConfig
+from ld3m.data.datasets import RealDataset, load_dataset
+from ld3m.errors import DataError
+from ld3m.evaluate.train_eval import TrainData, resolve_lr, train_and_test
+from ld3m.jsonl import append_jsonl, read_jsonl
+from ld3m.utils.progress import ProgressMode
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_FIELDS = (
+    "epochs",
+    "batch_train",
+    "lr",
+    "learned_lr",
+    "schedule",
+    "momentum",
+    "weight_decay",
+    "ema_decay",
+    "dsa",
+    "dsa_strategy",
+)
+"""EvalConfig fields that change a result; together they form the protocol key."""
+
+
+@dataclass(frozen=True)
+class ArchSummary:
+    """Mean and (population) standard deviation of final test accuracy over runs."""
+
+    arch: str
+    mean: float
+    std: float
+    runs: int
+
+
+def file_digest(path: Path) -> str:
+    """Short content hash identifying a synthetic-set file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def protocol_key(cfg: EvalConfig) -> str:
+    """Short hash of the result-changing evaluation settings."""
+    fields = {k: v for k, v in to_dict(cfg).items() if k in PROTOCOL_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_compatible(synset: SyntheticSet, data: RealDataset, set_path: Path) -> None:
+    """The set must have been made from this dataset's classes, channels and resolution."""
+    meta, info = synset.meta, data.info
+    if (meta.num_classes, meta.channels, meta.res) != (info.num_classes, info.channels, info.res):
+        raise DataError(
+            f"synthetic set {set_path} ({meta.dataset}: {meta.num_classes} classes, "
+            f"{meta.channels}x{meta.res}px) does not match dataset {info.name} "
+            f"({info.num_classes} classes, {info.channels}x{info.res}px); "
+            "pass data.name/data.root/data.res of its dataset"
+        )
+
+
+def load_for_set(synset: SyntheticSet, data_cfg: DataConfig) -> RealDataset:
+    """Load the real dataset a set belongs to, at the set's resolution unless one is configured."""
+    if data_cfg.name != synset.meta.dataset:
+        raise DataError(
+            f"synthetic set was made from '{synset.meta.dataset}' but data.name is "
+            f"'{data_cfg.name}'; pass data.name={synset.meta.dataset} (and its data.root)"
+        )
+    res = data_cfg.res or synset.meta.res
+    return load_dataset(dataclasses.replace(data_cfg, res=res))
+
+
+def evaluate_set(
+    set_path: Path,
+    data_cfg: DataConfig,
+    cfg: EvalConfig,
+    out_jsonl: Path,
+    progress_mode: ProgressMode = "auto",
+) -> list[dict[str, Any]]:
+    """Train `cfg.runs` fresh networks of every `cfg.archs` on the set; return all its records."""
+    synset = load_set(set_path)
+    data = load_for_set(synset, data_cfg)
+    check_compatible(synset, data, set_path)
+    test_images, test_labels = data.test_tensors()
+    tensors = TrainData(
+        synset.images, synset.labels, test_images, test_labels, data.info.num_classes
+    )
+    base = {
+        "set": str(set_path),
+        "set_digest": file_digest(set_path),
+        "method": synset.meta.method,
+        "dataset": synset.meta.dataset,
+        "ipc": synset.meta.ipc,
+        "step": synset.meta.step,
+        "protocol": protocol_key(cfg),
+        **{k: v for k, v in to_dict(cfg).items() if k in PROTOCOL_FIELDS},
+    }
+    done = {
+        (r["arch"], r["seed"]): r
+        for r in read_jsonl(out_jsonl)
+        if r.get("set_digest") == base["set_digest"] and r.get("protocol") == base["protocol"]
+    }
+    records = []
+    for arch in cfg.archs:
+        for seed in range(cfg.seed, cfg.seed + cfg.runs):
+            if (arch, seed) in done:
+                records.append(done[(arch, seed)])
+                continue
+            lr = resolve_lr(cfg, arch, synset.lr)
+            result = train_and_test(arch, tensors, cfg, lr, seed, progress_mode)
+            record = {
+                **base,
+                "arch": arch,
+                "seed": seed,
+                "lr": lr,
+                "acc": result.acc,
+                "train_acc": result.train_acc,
+                "wall_s": round(result.wall_s, 2),
+            }
+            append_jsonl(out_jsonl, record)
+            log.info(
+                "%s seed %d: test acc %.2f%% (%.0f s)", arch, seed, 100 * result.acc, result.wall_s
+            )
+            records.append(record)
+    return records
+
+
+def summarize(records: list[dict[str, Any]]) -> list[ArchSummary]:
+    """Mean +- population std of final accuracy per architecture, in first-seen order."""
+    by_arch: dict[str, list[float]] = {}
+    for r in records:
+        by_arch.setdefault(r["arch"], []).append(r["acc"])
+    return [
+        ArchSummary(arch, statistics.fmean(accs), statistics.pstdev(accs), len(accs))
+        for arch, accs in by_arch.items()
+    ]
+
+
+def unseen_mean(summaries: list[ArchSummary], distill_arch: str) -> float | None:
+    """Mean over architectures other than the distillation one (LD3M's 'Avg_Cross')."""
+    unseen = [s.mean for s in summaries if s.arch != distill_arch]
+    return statistics.fmean(unseen) if unseen else None
+
+
+def format_summary(summaries: list[ArchSummary], distill_arch: str) -> str:
+    """Human-readable table: arch, mean +- std (percent), runs; then the unseen mean."""
+    lines = [f"{'arch':<12} {'acc (%)':>16} {'runs':>5}"]
+    for s in summaries:
+        lines.append(f"{s.arch:<12} {100 * s.mean:>8.2f} ± {100 * s.std:<5.2f} {s.runs:>5}")
+    cross = unseen_mean(summaries, distill_arch)
+    if cross is not None:
+        lines.append(f"{'unseen mean':<12} {100 * cross:>8.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""Every name inside a run directory. Only this module spells them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files and folders of one run directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def eval_jsonl(self) -> Path:
+        return self.root / "eval.jsonl"
+
+    @property
+    def metrics_jsonl(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    def artifact(self, name: str) -> Path:
+        """A synthetic-set file in artifacts/."""
+        return self.artifacts / f"{name}.safetensors"
+
+
+def run_of_artifact(set_path: Path) -> RunPaths:
+    """The run directory that holds a synthetic-set file (its artifacts/ parent, or its folder)."""
+    folder = set_path.resolve().parent
+    return RunPaths(folder.parent if folder.name == "artifacts" else folder)

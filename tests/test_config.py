@@ -1,0 +1,86 @@
+"""Config: YAML + dotted overrides, type checks, unknown keys, round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ld3m.config.io import all_keys, load_config, save_config
+from ld3m.config.schema import Config
+from ld3m.errors import ConfigError
+
+
+def test_defaults_then_file_then_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("eval:\n  epochs: 50\n  runs: 3\ndata:\n  name: cifar10\n")
+    cfg = load_config(f, ["eval.epochs=300", "eval.lr=0.01", "eval.archs=ConvNet,VGG11"])
+    assert cfg.eval.epochs == 300  # override beats file
+    assert cfg.eval.runs == 3  # file beats default
+    assert cfg.data.name == "cifar10"
+    assert cfg.eval.lr == 0.01
+    assert cfg.eval.archs == ("ConvNet", "VGG11")
+    assert cfg.baseline == Config().baseline  # untouched section keeps defaults
+
+
+def test_int_is_accepted_for_float_and_null_for_optional() -> None:
+    cfg = load_config(None, ["eval.lr=1", "eval.ema_decay=null"])
+    assert cfg.eval.lr == 1.0 and isinstance(cfg.eval.lr, float)
+    assert cfg.eval.ema_decay is None
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        (
+            "eval.epoch=3",
+            ["unknown config key 'eval.epoch'", "did you mean 'epochs'", "batch_train"],
+        ),
+        ("evl.epochs=3", ["unknown config key 'evl'", "did you mean 'eval'"]),
+        ("eval.epochs=many", ["'eval.epochs' must be of type int", "'many'"]),
+        ("eval.epochs=3.5", ["'eval.epochs' must be of type int"]),
+        ("eval.dsa=3", ["'eval.dsa' must be of type bool"]),
+        ("eval.schedule=linear", ["must be one of warmup_cosine, step"]),
+        ("eval.epochs", ["must look like section.key=value"]),
+        ("eval=3", ["'eval' must be a mapping"]),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(override: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("data:\n  nam: cifar10\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'data.nam' \(config file .*bad.yaml\)"
+    ):
+        load_config(f)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("eval: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_saved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["eval.archs=[ConvNet]", "data.res=32", "eval.ema_decay=null"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["eval"]["archs"] == ["ConvNet"]
+
+
+def test_all_keys_lists_dotted_leaves() -> None:
+    keys = all_keys()
+    assert "eval.epochs" in keys and "data.name" in keys
+    assert "eval" not in keys

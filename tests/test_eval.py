@@ -1,0 +1,155 @@
+"""Evaluation harness: training works, records are written, reruns skip finished runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ld3m.artifacts import SetMeta, SyntheticSet, load_set, save_set
+from ld3m.baseline import random_real_set
+from ld3m.config.schema import DataConfig, EvalConfig
+from ld3m.data.datasets import load_dataset
+from ld3m.errors import CheckpointError, DataError
+from ld3m.evaluate import harness
+from ld3m.evaluate.harness import evaluate_set, format_summary, summarize, unseen_mean
+from ld3m.evaluate.train_eval import TrainData, make_scheduler, resolve_lr, train_and_test
+
+
+def separable(n_per_class: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class c = a bright square at a class-specific position, plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    x = 0.3 * torch.randn(n_per_class * classes, 3, 16, 16, generator=gen)
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    for i, c in enumerate(y.tolist()):
+        row, col = divmod(c, 2)
+        x[i, :, row * 8 : row * 8 + 8, col * 8 : col * 8 + 8] += 2.0
+    return x, y
+
+
+def test_training_reaches_high_accuracy_on_separable_data() -> None:
+    train_x, train_y = separable(5, 4, seed=0)
+    test_x, test_y = separable(50, 4, seed=1)
+    data = TrainData(train_x, train_y, test_x, test_y, num_classes=4)
+    cfg = EvalConfig(epochs=60, dsa=False, ema_decay=None, schedule="step", lr=0.01)
+    result = train_and_test("ConvNetD3", data, cfg, lr=0.01, seed=0)
+    assert result.acc >= 0.95
+    # An untrained network is at chance: the accuracy above comes from training.
+    untrained = train_and_test("ConvNetD3", data, dataclasses.replace(cfg, epochs=0), 0.01, 0)
+    assert untrained.acc < 0.6
+
+
+def test_training_is_reproducible_per_seed() -> None:
+    train_x, train_y = separable(3, 4, seed=0)
+    test_x, test_y = separable(20, 4, seed=1)
+    data = TrainData(train_x, train_y, test_x, test_y, num_classes=4)
+    cfg = EvalConfig(epochs=5, dsa=True)
+    a = train_and_test("ConvNetD3", data, cfg, lr=0.01, seed=3)
+    b = train_and_test("ConvNetD3", data, cfg, lr=0.01, seed=3)
+    assert (a.acc, a.train_acc) == (b.acc, b.train_acc)
+
+
+def test_learning_rate_table_and_schedules() -> None:
+    cfg = EvalConfig()
+    assert resolve_lr(cfg, "VGG11", None) == 1e-4
+    assert resolve_lr(cfg, "ResNet18", 0.05) == 1e-3
+    assert resolve_lr(dataclasses.replace(cfg, learned_lr=True), "ResNet18", 0.05) == 0.05
+    assert resolve_lr(dataclasses.replace(cfg, lr=0.01), "VGG11", None) == 0.01
+
+    def lrs(schedule: str) -> list[float]:
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        sched = make_scheduler(opt, dataclasses.replace(cfg, epochs=10, schedule=schedule))
+        out = []
+        for _ in range(10):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    warm = lrs("warmup_cosine")
+    assert warm[0] == pytest.approx(1e-7) and warm[5] == pytest.approx(1.0)
+    assert all(a < b for a, b in itertools.pairwise(warm[:6]))  # warm-up rises
+    assert all(a > b for a, b in itertools.pairwise(warm[5:]))  # cosine falls
+    assert lrs("step") == [1.0] * 5 + [pytest.approx(0.1)] * 5
+
+
+def test_set_file_round_trip_and_grid(tmp_path: Path) -> None:
+    meta = SetMeta("toy", 2, 1, 8, (0.5,), (0.25,), 2, "random_real", ("a", "b"))
+    synset = SyntheticSet(
+        torch.randn(4, 1, 8, 8),
+        torch.tensor([0, 0, 1, 1]),
+        meta,
+        lr=0.02,
+        latents={"z": torch.randn(4, 3, 2, 2)},
+    )
+    path = save_set(tmp_path / "set.safetensors", synset)
+    back = load_set(path)
+    assert torch.equal(back.images, synset.images) and torch.equal(back.labels, synset.labels)
+    assert back.meta == meta and back.lr == pytest.approx(0.02)
+    assert torch.equal(back.latents["z"], synset.latents["z"])
+    from PIL import Image
+
+    grid = Image.open(path.with_suffix(".png"))
+    assert grid.size == (2 + 2 * 10, 2 + 2 * 10)  # one row per class, one column per image
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_set(tmp_path / "bad.safetensors")
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory: pytest.TempPathFactory) -> DataConfig:
+    return DataConfig(name="mnist5k", res=16, cache_dir=str(tmp_path_factory.mktemp("cache")))
+
+
+def test_random_real_then_eval_records(mnist: DataConfig, tmp_path: Path, monkeypatch) -> None:
+    data = load_dataset(mnist)
+    synset = random_real_set(data, ipc=10, seed=0)
+    assert synset.images.shape == (100, 1, 16, 16)
+    assert torch.equal(synset.labels, torch.arange(10).repeat_interleave(10))
+    again = random_real_set(data, ipc=10, seed=0)
+    assert torch.equal(again.images, synset.images)  # seeded
+    assert not torch.equal(random_real_set(data, 10, seed=1).images, synset.images)
+
+    path = save_set(tmp_path / "artifacts" / "rr.safetensors", synset)
+    cfg = EvalConfig(
+        archs=("ConvNet",), runs=2, epochs=40, schedule="step", lr=0.01, ema_decay=None, dsa=False
+    )
+    out = tmp_path / "eval.jsonl"
+    records = evaluate_set(path, mnist, cfg, out, "off")
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 2 and [r["seed"] for r in lines] == [0, 1]
+    for r in lines:
+        assert {"set", "arch", "seed", "acc", "epochs", "wall_s", "method", "ipc"} <= set(r)
+        assert r["method"] == "random_real" and r["epochs"] == 40
+        assert r["acc"] > 0.6  # 100 real MNIST digits train a ConvNet far above chance (10%)
+    summary = summarize(records)
+    assert summary[0].runs == 2 and "ConvNet" in format_summary(summary, "ConvNet")
+
+    # A rerun skips finished (arch, seed) pairs instead of training again.
+    monkeypatch.setattr(harness, "train_and_test", lambda *a, **k: pytest.fail("retrained"))
+    assert evaluate_set(path, mnist, cfg, out, "off") == records
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_eval_refuses_a_set_from_another_dataset(mnist: DataConfig, tmp_path: Path) -> None:
+    meta = SetMeta("cifar10", 10, 3, 32, (0.5,) * 3, (0.5,) * 3, 1, "random_real")
+    path = save_set(
+        tmp_path / "s.safetensors", SyntheticSet(torch.zeros(10, 3, 32, 32), torch.arange(10), meta)
+    )
+    with pytest.raises(DataError, match=r"data\.name=cifar10"):
+        evaluate_set(path, mnist, EvalConfig(), tmp_path / "e.jsonl", "off")
+
+
+def test_unseen_mean_excludes_distillation_arch() -> None:
+    records = [
+        {"arch": a, "acc": acc}
+        for a, acc in [("ConvNet", 0.9), ("VGG11", 0.5), ("ViT", 0.3), ("VGG11", 0.7)]
+    ]
+    s = summarize(records)
+    assert [x.arch for x in s] == ["ConvNet", "VGG11", "ViT"]
+    assert s[1].mean == pytest.approx(0.6) and s[1].std == pytest.approx(0.1)
+    assert unseen_mean(s, "ConvNet") == pytest.approx(0.45)

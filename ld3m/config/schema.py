@@ -88,6 +88,39 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class PriorConfig:
+    """Which latent diffusion prior to use (a directory in ld3m's prior layout)."""
+
+    path: str = ""
+    """Prior directory, written by `ld3m prior convert` or `ld3m prior train`."""
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """The LD3M generator G(Z, c, noise): DDIM chain with the skip connection, then decode."""
+
+    steps: int = 10
+    """DDIM steps T (10 at 128 px, 20 at 256 px in the paper)."""
+    guidance: float = 3.0
+    """Classifier-free guidance scale s against the null class embedding (1 = no guidance)."""
+    skip: Literal["released", "paper", "none", "autoencoder"] = "released"
+    """`released`: pred_x0 mixed with quantised Z, weight k/K (released code); `paper`: Eq. 7,
+    z_T mixed into the update with weight t/T; `none`: plain DDIM from the noised Z;
+    `autoencoder`: decode Z directly (the "without diffusion" ablation)."""
+    scheme: Literal["auto", "two_phase", "single"] = "auto"
+    """Backward scheme: `two_phase` (generate without grad, then regenerate chunk by chunk with
+    grad), `single` (one graph for all images); `auto` picks the cheapest that fits the budget."""
+    checkpointing: Literal["auto", "on", "off"] = "auto"
+    """Activation checkpointing of every UNet call; `auto` decides with the scheme."""
+    chunk: int = 10
+    """Images per generator call."""
+    memory_budget_gb: float = 0.0
+    """Memory the generator may use for activations when `scheme=auto`; 0 = 70% of free memory."""
+    bf16: bool = False
+    """bfloat16 autocast for the UNet and decoder (GPU only)."""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of one ld3m run."""
 
@@ -95,3 +128,5 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)

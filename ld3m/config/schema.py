@@ -121,6 +121,95 @@ class GeneratorConfig:
 
 
 @dataclass(frozen=True)
+class ExpertsConfig:
+    """Expert trajectories for trajectory matching (MTT): networks trained on the real data."""
+
+    dir: str = ""
+    """Buffer directory shared by every distillation run that uses these experts."""
+    arch: str = "ConvNet"
+    """Expert architecture (ConvNet picks its depth from the resolution)."""
+    num: int = 10
+    """Experts in total, split over shards (`ld3m experts --shard i/n`)."""
+    epochs: int = 20
+    """Training epochs; snapshots are kept after init and after every epoch."""
+    keep_epochs: int = 0
+    """Store only snapshots 0..keep_epochs (MTT reads at most max_start_epoch + expert_epochs);
+    0 keeps all."""
+    lr: float = 0.01
+    """SGD learning rate."""
+    momentum: float = 0.0
+    """SGD momentum (0 in MTT)."""
+    weight_decay: float = 0.0
+    """SGD weight decay (0 in MTT)."""
+    batch: int = 256
+    """Minibatch size."""
+    dsa: bool = True
+    """DSA (per-sample draws) on every training batch."""
+    seed: int = 0
+    """Expert k is trained with seed `seed + k`."""
+
+
+@dataclass(frozen=True)
+class MTTConfig:
+    """Trajectory matching in TESLA's constant-memory form."""
+
+    syn_steps: int = 10
+    """Student steps N on the synthetic set per iteration."""
+    expert_epochs: int = 2
+    """Target = expert snapshot `expert_epochs` after the start (M)."""
+    max_start_epoch: int = 2
+    """Start epoch drawn from 0..max_start_epoch-1 (T+)."""
+    batch_syn: int = 0
+    """Synthetic minibatch per student step; 0 = the whole set."""
+    lr_init: float = 0.01
+    """Initial learnable student step size alpha."""
+    lr_lr: float = 1e-6
+    """SGD learning rate of alpha."""
+    min_lr: float = 1e-8
+    """alpha is clamped to at least this after each step (kept positive)."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The distillation loop."""
+
+    objective: Literal["dc", "dm", "mtt"] = "dm"
+    """Matching objective: gradient (dc), distribution (dm) or trajectory (mtt) matching."""
+    space: Literal["latent", "pixel"] = "latent"
+    """`latent`: LD3M (Z and c through the prior's generator); `pixel`: the images themselves."""
+    ipc: int = 10
+    """Synthetic images per class."""
+    iterations: int = 1000
+    """Outer iterations."""
+    lr: float | None = None
+    """Learning rate of Z and c (or pixels); None = the objective's default from the notes."""
+    momentum: float = 0.5
+    """SGD momentum of Z and c (or pixels)."""
+    init: Literal["real", "noise"] = "real"
+    """Initialise from encoded random real images of each class, or from Gaussian noise."""
+    arch: str = "ConvNet"
+    """Network matched on (fresh random each iteration for DC/DM; the experts' for MTT)."""
+    batch_real: int = 256
+    """Real images per class per iteration (DC, DM)."""
+    dsa: bool = True
+    """Siamese DSA on real and synthetic batches."""
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    """DSA families."""
+    mtt: MTTConfig = field(default_factory=MTTConfig)
+    """MTT settings."""
+    nan_patience: int = 5
+    """Abort after this many consecutive non-finite losses (each one skips its step)."""
+    seed: int = 0
+    """Seed of the initialisation, noise and sampling streams."""
+    save_every: int = 50
+    """Checkpoint every this many iterations (and on exit)."""
+    export_every: int = 200
+    """Write a synthetic-set file every this many iterations (and at the end)."""
+    image_every: int = 50
+    """TensorBoard image grid every this many iterations."""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of one ld3m run."""
 
@@ -130,3 +219,5 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)

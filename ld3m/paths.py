@@ -21,6 +21,14 @@ class RunPaths:
         return self.root / "artifacts"
 
     @property
+    def ckpt(self) -> Path:
+        return self.root / "ckpt"
+
+    @property
+    def tb(self) -> Path:
+        return self.root / "tb"
+
+    @property
     def eval_jsonl(self) -> Path:
         return self.root / "eval.jsonl"
 

@@ -71,9 +71,10 @@ class Prior:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Prior:
         """Move every part to `device` (and `dtype`); returns self."""
-        self.vae.to(device=device, dtype=dtype)
-        self.unet.to(device=device, dtype=dtype)
-        self.class_embeddings = self.class_embeddings.to(device=device, dtype=dtype)
+        kwargs = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
+        self.vae.to(**kwargs)
+        self.unet.to(**kwargs)
+        self.class_embeddings = self.class_embeddings.to(**kwargs)
         return self
 
 

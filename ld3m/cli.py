@@ -75,11 +75,104 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     cmd_eval(args)
 
 
-COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
-    "baseline": (cmd_baseline, "write a random-real synthetic set (baseline.ipc per class)"),
-    "eval": (cmd_eval, "evaluate a synthetic-set file across architectures and seeds"),
-    "quickstart": (cmd_quickstart, "offline demo on MNIST-5k: baseline set, then evaluation"),
+def cmd_experts(args: argparse.Namespace) -> None:
+    """Train (a shard of) the expert trajectories."""
+    from ld3m.experts.train import experts_main
+
+    experts_main(args)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    """Distil a synthetic set; resumes from the run directory's newest checkpoint."""
+    from ld3m.distill.loop import run_distillation
+
+    print(run_distillation(build_config(args), resume=not args.no_resume))
+
+
+def cmd_prior_train(args: argparse.Namespace) -> None:
+    """Train a small class-conditional latent diffusion prior."""
+    from ld3m.prior.train import train_main
+
+    train_main(args)
+
+
+def cmd_prior_convert(args: argparse.Namespace) -> None:
+    """Convert the CompVis cin256-v2 checkpoint to a prior directory."""
+    from ld3m.prior.convert import convert_main
+
+    convert_main(args)
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """--config and dotted overrides, shared by every config-driven command."""
+    p.add_argument("--config", help="YAML config file or preset name (e.g. quickstart)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.epochs=300")
+
+
+def add_resume_argument(p: argparse.ArgumentParser) -> None:
+    """--no-resume for resumable stages."""
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start over, deleting this run's checkpoints (default: resume from the newest)",
+    )
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("set", help="synthetic-set .safetensors file")
+    p.add_argument("--out", help="eval.jsonl to append to (default: the set's run dir)")
+    add_config_arguments(p)
+
+
+def add_experts_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="I/N",
+        help="train shard I of N, i.e. experts I, I+N, ... (default 0/1: all); on a Slurm array: "
+        "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT",
+    )
+    add_config_arguments(p)
+
+
+def add_distill_arguments(p: argparse.ArgumentParser) -> None:
+    add_resume_argument(p)
+    add_config_arguments(p)
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="CompVis cin256-v2 model.ckpt (.ckpt, .pt or .safetensors)")
+    p.add_argument("out", help="prior directory to write (e.g. priors/cin256-v2)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle arbitrary objects (torch.load weights_only=False); only for trusted files",
+    )
+
+
+Command = tuple[
+    Callable[[argparse.Namespace], None], Callable[[argparse.ArgumentParser], None], str
+]
+
+COMMANDS: dict[str, Command] = {
+    "baseline": (cmd_baseline, add_config_arguments, "write a random-real synthetic set"),
+    "eval": (cmd_eval, add_eval_arguments, "evaluate a synthetic set across architectures"),
+    "experts": (cmd_experts, add_experts_arguments, "train expert trajectories (or one shard)"),
+    "distill": (cmd_distill, add_distill_arguments, "distil a synthetic set (resumable)"),
+    "quickstart": (cmd_quickstart, add_config_arguments, "offline demo on MNIST-5k"),
 }
+PRIOR_COMMANDS: dict[str, Command] = {
+    "train": (cmd_prior_train, add_distill_arguments, "train a small class-conditional prior"),
+    "convert": (cmd_prior_convert, add_convert_arguments, "CompVis cin256-v2 checkpoint -> prior"),
+}
+
+
+def add_commands(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> None:
+    for name, (run, add_arguments, help_text) in commands.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(run=run)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -89,13 +182,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for ld3m errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "eval":
-            p.add_argument("set", help="synthetic-set .safetensors file")
-            p.add_argument("--out", help="eval.jsonl to append to (default: the set's run dir)")
-        p.add_argument("--config", help="YAML config file or preset name (e.g. quickstart)")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.epochs=300")
+    add_commands(sub, COMMANDS)
+    prior = sub.add_parser("prior", help="latent diffusion priors: train or convert")
+    add_commands(prior.add_subparsers(dest="prior_command", required=True), PRIOR_COMMANDS)
     return parser
 
 
@@ -108,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        COMMANDS[args.command][0](args)
+        args.run(args)
     except Ld3mError as exc:
         if args.debug:
             raise

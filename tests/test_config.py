@@ -24,6 +24,11 @@ def test_defaults_then_file_then_overrides(tmp_path: Path) -> None:
     assert cfg.baseline == Config().baseline  # untouched section keeps defaults
 
 
+def test_on_off_overrides_stay_strings() -> None:
+    assert load_config(None, ["run.progress=off"]).run.progress == "off"
+    assert load_config(None, ["run.progress=on"]).run.progress == "on"
+
+
 def test_int_is_accepted_for_float_and_null_for_optional() -> None:
     cfg = load_config(None, ["eval.lr=1", "eval.ema_decay=null"])
     assert cfg.eval.lr == 1.0 and isinstance(cfg.eval.lr, float)

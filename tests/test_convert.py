@@ -22,7 +22,6 @@ from ld3m.prior.architectures import (
     vq_config,
 )
 from ld3m.prior.convert import (
-    add_convert_arguments,
     check_shapes,
     compvis_key_shapes,
     compvis_to_diffusers,
@@ -310,8 +309,15 @@ def test_existing_output_needs_force(converted: tuple[dict, Path, Prior], tmp_pa
 
 
 def test_cli_arguments() -> None:
-    parser = argparse.ArgumentParser()
-    add_convert_arguments(parser)
-    args = parser.parse_args(["model.ckpt", "priors/cin256", "--force", "--trust-checkpoint"])
+    from ld3m.cli import make_parser
+
+    args = make_parser().parse_args(
+        ["prior", "convert", "model.ckpt", "priors/cin256", "--force", "--trust-checkpoint"]
+    )
     assert (args.checkpoint, args.out, args.force, args.trust_checkpoint) == (
-        "model.ckpt", "priors/cin256", True, True)  # fmt: skip
+        "model.ckpt",
+        "priors/cin256",
+        True,
+        True,
+    )
+    assert args.run.__name__ == "cmd_prior_convert"

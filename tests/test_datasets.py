@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ld3m.config.schema import DataConfig
-from ld3m.data import datasets, subsets
+from ld3m.data import subsets, tree
 from ld3m.data.datasets import (
     CIFAR10_CLASSES,
     IMAGENET_MEAN,
@@ -128,7 +128,7 @@ def test_cache_hit_skips_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     def boom(*args: object) -> None:
         raise AssertionError("decoded despite a cache hit")
 
-    monkeypatch.setattr(datasets, "decode_chunk", boom)
+    monkeypatch.setattr(tree, "decode_chunk", boom)
     second = load_dataset(c)
     assert torch.equal(first.train_images, second.train_images)
     assert second.info == first.info

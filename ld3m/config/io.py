@@ -128,6 +128,8 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else type_message(key, value, hint, source))
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            value = "on" if value else "off"  # YAML reads a bare on/off as a boolean
         if value not in args:
             raise ConfigError(
                 f"{source}: '{key}' must be one of {', '.join(map(str, args))}, got {value!r}"

@@ -210,6 +210,69 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class PriorTrainConfig:
+    """`ld3m prior train`: a small KL autoencoder, then a class-conditional latent UNet (CPU-sized
+    defaults: MNIST at data.res=32 -> 8x8x4 latents)."""
+
+    seed: int = 0
+    """Seed of the initialisation, data order, noise and label dropout."""
+    ae_channels: tuple[int, ...] = (16, 32, 32)
+    """Autoencoder block widths; downsampling factor f = 2 ** (len - 1) must divide data.res."""
+    ae_layers: int = 1
+    """ResNet blocks per autoencoder level (the decoder has one more)."""
+    latent_channels: int = 4
+    """Latent channels of the autoencoder (= UNet input channels)."""
+    kl_weight: float = 1e-6
+    """Weight of the KL term next to the L1 reconstruction loss (small: nearly a plain AE)."""
+    ae_steps: int = 300
+    """Autoencoder optimiser steps (stage 1)."""
+    ae_batch: int = 32
+    """Autoencoder minibatch (global, over all processes)."""
+    ae_lr: float = 1e-3
+    """Autoencoder AdamW learning rate (warm-up, then cosine to 0)."""
+    unet_channels: tuple[int, ...] = (32, 64)
+    """UNet block widths; the latent side must be divisible by 2 ** (len - 1)."""
+    unet_attention: tuple[bool, ...] = (False, True)
+    """Class cross-attention per UNet level (same length as unet_channels)."""
+    unet_layers: int = 1
+    """ResNet blocks per UNet level."""
+    heads: int = 4
+    """Attention heads."""
+    context_dim: int = 64
+    """Width of the learned class embedding (one context token per class, plus the null row)."""
+    norm_groups: int = 16
+    """GroupNorm groups of the autoencoder and UNet (must divide every block width)."""
+    unet_steps: int = 1200
+    """UNet optimiser steps (stage 2)."""
+    unet_batch: int = 64
+    """UNet minibatch (global, over all processes)."""
+    unet_lr: float = 1e-3
+    """UNet AdamW learning rate (warm-up, then cosine to 0)."""
+    warmup_steps: int = 50
+    """Linear learning-rate warm-up steps at the start of each stage."""
+    label_dropout: float = 0.1
+    """Probability of replacing a label by the null class (classifier-free guidance)."""
+    ema_decay: float = 0.995
+    """EMA decay of the UNet and class table, updated every step; the EMA is what is saved."""
+    save_every: int = 300
+    """Checkpoint every this many steps (and at the end of each stage)."""
+    log_every: int = 50
+    """Log the loss every this many steps."""
+    sample_every: int = 0
+    """Log a DDIM sample grid every this many UNet steps; 0 = only at the end."""
+    grid_per_class: int = 8
+    """Sample-grid columns (one row per class)."""
+    sample_steps: int = 25
+    """DDIM steps for sample grids and the quality check."""
+    guidance: float = 3.0
+    """Classifier-free guidance scale for sample grids and the quality check."""
+    quality_per_class: int = 30
+    """Samples per class classified by a ConvNet trained on the real data; 0 skips the check."""
+    quality_epochs: int = 2
+    """Epochs of that ConvNet on the real training set."""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of one ld3m run."""
 
@@ -219,5 +282,6 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    prior_train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

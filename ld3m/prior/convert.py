@@ -42,7 +42,6 @@ from ld3m.prior.model import load_prior, make_ddim, save_prior
 
 __all__ = [
     "ConvertedWeights",
-    "add_convert_arguments",
     "check_schedule",
     "check_shapes",
     "compvis_key_shapes",
@@ -277,18 +276,6 @@ def _verify(root: Path, unet: torch.nn.Module, vae: torch.nn.Module, table: torc
 
 
 # ---------------------------------------------------------------- command line
-
-
-def add_convert_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of `ld3m prior convert`."""
-    p.add_argument("checkpoint", help="CompVis cin256-v2 model.ckpt (.ckpt, .pt or .safetensors)")
-    p.add_argument("out", help="prior directory to write (e.g. priors/cin256-v2)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    p.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="unpickle arbitrary objects (torch.load weights_only=False); only for trusted files",
-    )
 
 
 def convert_main(args: argparse.Namespace) -> None:

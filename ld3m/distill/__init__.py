@@ -1,0 +1,1 @@
+"""Dataset distillation: matching objectives (`ld3m.distill.objectives`) and the loop."""

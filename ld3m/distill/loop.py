@@ -1,0 +1,344 @@
+"""`ld3m distill`: the distillation loop. Resumable, observable, the same code on every rank.
+
+Per iteration: draw the iteration's noise (fixed for both generator phases), render the images,
+let the objective compute d loss / d images, back-propagate that through the generator into Z
+and c (latent space) or apply it to the pixels, step SGD, keep the step size positive. Every
+random draw comes from streams derived from (seed, iteration, rank), so a resumed run continues
+exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ld3m.artifacts import SetMeta, save_set
+from ld3m.artifacts import SyntheticSet as SetFile
+from ld3m.checkpoint import CheckpointManager
+from ld3m.config.schema import Config
+from ld3m.data.datasets import RealDataset
+from ld3m.distill.objectives import MatchingObjective, build_objective
+from ld3m.distill.synthetic import build_synthetic_set
+from ld3m.errors import ConfigError, TrainingError
+from ld3m.generator.backward import generate_and_backward, resolve_scheme
+from ld3m.generator.ldm import LD3MGenerator, draw_noise
+from ld3m.paths import RunPaths
+from ld3m.prior.model import Prior
+from ld3m.tracking import Tracker
+from ld3m.utils.progress import progress
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LR = {  # (space, objective) -> lr of Z and c, or of the pixels (method notes, 11.1)
+    ("latent", "dc"): 0.1,
+    ("latent", "dm"): 1.0,
+    ("latent", "mtt"): 500.0,  # LD3M's 1000 was applied to TESLA's halved gradient
+    ("pixel", "dc"): 0.1,
+    ("pixel", "dm"): 1.0,
+    ("pixel", "mtt"): 1000.0,
+}
+
+
+@dataclass
+class LoopState:
+    """Counters that are part of every checkpoint."""
+
+    step: int = 0
+    nan_streak: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class StepReport:
+    """What one iteration measured."""
+
+    loss: float
+    grad_norms: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    skipped: bool = False
+
+
+def stream_seed(seed: int, step: int, rank: int, purpose: int) -> int:
+    """A distinct 63-bit seed per (seed, step, rank, purpose)."""
+    mixed = (seed * 1_000_003 + step) * 1_000_033 + rank * 97 + purpose
+    return mixed % (2**63 - 1)
+
+
+class Distiller:
+    """Owns the synthetic set, its optimiser, the objective and the run directory."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        data: RealDataset,
+        prior: Prior | None,
+        experts: object | None = None,
+        rank: int = 0,
+    ) -> None:
+        self.cfg, self.data, self.rank = cfg, data, rank
+        d = cfg.distill
+        self.paths = RunPaths(Path(cfg.run.out_dir))
+        info = data.info
+        learns_lr = d.objective == "mtt"
+        self.synset = build_synthetic_set(
+            data, d.space, d.ipc, d.init, d.seed, d.mtt.lr_init if learns_lr else None, prior
+        )
+        self.generator = None
+        if d.space == "latent":
+            assert prior is not None
+            self.generator = LD3MGenerator(prior, cfg.generator, info.res, info.mean, info.std)
+        self.objective: MatchingObjective = build_objective(
+            d, data, info.num_classes, info.channels, info.res, experts
+        )
+        lr = d.lr if d.lr is not None else DEFAULT_LR[(d.space, d.objective)]
+        self.optimizer = torch.optim.SGD(
+            self.synset.param_groups(lr, d.mtt.lr_lr), lr=lr, momentum=d.momentum
+        )
+        self.experts = experts
+        self.state = LoopState()
+        self.checkpoints = CheckpointManager(self.paths.ckpt)
+        self.scheme = self.pick_scheme()
+
+    def pick_scheme(self) -> tuple[str, bool]:
+        """Backward scheme and checkpointing for the generator (logged once)."""
+        if self.generator is None:
+            return ("pixel", False)
+        scheme, ckpt, reason = resolve_scheme(self.generator, len(self.synset.labels))
+        log.info("generator backward: %s, checkpointing %s (%s)", scheme, ckpt, reason)
+        return (scheme, ckpt)
+
+    def noise(self, step: int) -> torch.Tensor | None:
+        """The iteration's generator noise, the same on every rank."""
+        if self.generator is None:
+            return None
+        shape = tuple(self.synset.latents.shape)
+        return draw_noise(shape, stream_seed(self.cfg.distill.seed, step, 0, 1))
+
+    def step(self) -> StepReport:
+        """One distillation iteration."""
+        start = time.perf_counter()
+        step, d = self.state.step, self.cfg.distill
+        rng = torch.Generator().manual_seed(stream_seed(d.seed, step, self.rank, 2))
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.compute_grads(rng, self.noise(step))
+        report = StepReport(loss=out, grad_norms=self.grad_norms())
+        if not math.isfinite(out) or not all(map(math.isfinite, report.grad_norms.values())):
+            self.skip_step(out)
+            report.skipped = True
+        else:
+            self.state.nan_streak = 0
+            self.optimizer.step()
+            self.keep_lr_positive()
+        self.state.step += 1
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def compute_grads(self, rng: torch.Generator, noise: torch.Tensor | None) -> float:
+        """Fill .grad of the synthetic set's parameters; return the objective's loss."""
+        syn, labels = self.synset, self.synset.labels
+        syn_lr = syn.syn_lr.detach() if syn.syn_lr is not None else None
+        result = {}
+
+        def surrogate(images: torch.Tensor) -> torch.Tensor:
+            """Scalar whose gradient w.r.t. `images` is the objective's image gradient."""
+            out = self.objective.image_grad(images.detach(), labels, syn_lr, rng)
+            result["out"] = out
+            return (images * out.grad.to(images)).sum()
+
+        if self.generator is None:
+            surrogate(syn.images).backward()
+        else:
+            scheme, ckpt = self.scheme
+            generate_and_backward(
+                self.generator, syn.latents, syn.context, noise, surrogate,
+                scheme, ckpt, self.cfg.generator.chunk,
+            )  # fmt: skip
+        out = result["out"]
+        if syn.syn_lr is not None and out.lr_grad is not None:
+            syn.syn_lr.grad = out.lr_grad.detach().reshape(()).to(syn.syn_lr)
+        return float(out.loss)
+
+    def grad_norms(self) -> dict[str, float]:
+        """Gradient norms of each learnable tensor (the paper's Table 1 quantity for Z)."""
+        names = {"images": "pixels", "latents": "z", "context": "c", "syn_lr": "syn_lr"}
+        return {
+            names[name]: float(p.grad.norm())
+            for name, p in self.synset.named_parameters()
+            if p.grad is not None
+        }
+
+    def skip_step(self, loss: float) -> None:
+        """NaN/inf guard: drop this step's gradients; abort after `nan_patience` in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.nan_streak += 1
+        self.state.skipped += 1
+        log.warning(
+            "step %d: non-finite loss or gradient (%s); step skipped", self.state.step, loss
+        )
+        if self.state.nan_streak >= self.cfg.distill.nan_patience:
+            raise TrainingError(
+                f"{self.state.nan_streak} non-finite losses in a row at step {self.state.step}; "
+                "lower distill.lr (or distill.mtt.lr_lr), then resume from the last checkpoint"
+            )
+
+    def keep_lr_positive(self) -> None:
+        """Clamp the learnable step size to at least distill.mtt.min_lr."""
+        if self.synset.syn_lr is not None:
+            with torch.no_grad():
+                self.synset.syn_lr.clamp_(min=self.cfg.distill.mtt.min_lr)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly."""
+        state = {
+            "synset": self.synset.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loop": self.state.__dict__.copy(),
+        }
+        if self.experts is not None and hasattr(self.experts, "state_dict"):
+            state["experts"] = self.experts.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from `state_dict()`; shapes must match (IPC, space, prior)."""
+        try:
+            self.synset.load_state_dict(state["synset"])
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"checkpoint does not fit this config ({str(exc).splitlines()[0]}); "
+                "IPC, space and prior cannot change on resume: use a new run.out_dir"
+            ) from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.state = LoopState(**state["loop"])
+        if "experts" in state and self.experts is not None:
+            self.experts.load_state_dict(state["experts"])
+
+    def save(self) -> None:
+        """Atomic checkpoint of the current state."""
+        state = self.state_dict()
+        self.checkpoints.save(self.state.step, lambda d: torch.save(state, d / "state.pt"))
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint, if any; True if resumed."""
+
+        def load(folder: Path) -> Path:
+            self.load_state_dict(torch.load(folder / "state.pt", weights_only=True))
+            return folder
+
+        found = self.checkpoints.load_latest(load)
+        if found is not None:
+            log.info("resumed from %s at step %d", found, self.state.step)
+        return found is not None
+
+    # ------------------------------------------------------------------ products
+
+    def export(self, noise_seed: int | None = None) -> Path:
+        """Write the current synthetic set (images decoded with a recorded seed) and its grid."""
+        d, info = self.cfg.distill, self.data.info
+        seed = stream_seed(d.seed, 0, 0, 3) if noise_seed is None else noise_seed
+        noise = None
+        if self.generator is not None:
+            noise = draw_noise(tuple(self.synset.latents.shape), seed)
+        images = self.synset.render(self.generator, noise)
+        latents = {}
+        if self.synset.space == "latent":
+            latents = {"z": self.synset.latents.detach(), "c": self.synset.context.detach()}
+        lr = float(self.synset.syn_lr.detach()) if self.synset.syn_lr is not None else None
+        meta = SetMeta(
+            dataset=info.name, num_classes=info.num_classes, channels=info.channels,
+            res=info.res, mean=tuple(info.mean), std=tuple(info.std), ipc=d.ipc,
+            method=f"{'ld3m' if d.space == 'latent' else 'pixel'}_{d.objective}",
+            class_names=tuple(info.class_names), distill_arch=d.arch, step=self.state.step,
+            extra={"noise_seed": seed, "skip": self.cfg.generator.skip,
+                   "steps": self.cfg.generator.steps, "run": str(self.paths.root)},
+        )  # fmt: skip
+        path = self.paths.artifact(f"set_{self.state.step:06d}")
+        save_set(path, SetFile(images, self.synset.labels.detach(), meta, lr, latents))
+        return path
+
+    def log_step(self, tracker: Tracker, report: StepReport) -> None:
+        """Scalars of one iteration (TensorBoard and metrics.jsonl)."""
+        scalars = {"loss/match": report.loss, "time/iteration_s": report.seconds}
+        scalars.update({f"grad_norm/{k}": v for k, v in report.grad_norms.items()})
+        if self.synset.syn_lr is not None:
+            scalars["syn_lr"] = float(self.synset.syn_lr.detach())
+        scalars["nan_skipped"] = float(self.state.skipped)
+        tracker.scalars(scalars, self.state.step)
+
+    def run(self, tracker: Tracker, resume: bool = True) -> Path:
+        """Iterate to distill.iterations with periodic checkpoints, exports and image grids."""
+        d = self.cfg.distill
+        if resume:
+            self.resume()
+        last_export = None
+        for _ in progress(range(self.state.step, d.iterations), self.cfg.run.progress, "distill"):
+            report = self.step()
+            self.log_step(tracker, report)
+            step = self.state.step
+            if step % d.image_every == 0:
+                tracker.images("synthetic", self.grid_images(), step, nrow=d.ipc)
+            if step % d.save_every == 0:
+                self.save()
+            if step % d.export_every == 0:
+                last_export = self.export()
+        done = self.checkpoints.complete(warn=False)
+        if not done or done[-1][0] != self.state.step:
+            self.save()
+        if last_export is None or self.state.step % d.export_every != 0:
+            last_export = self.export()
+        return last_export
+
+    def grid_images(self) -> torch.Tensor:
+        """Current images in [0, 1] for a TensorBoard grid."""
+        noise = self.noise(self.state.step)
+        images = self.synset.render(self.generator, noise)
+        info = self.data.info
+        mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+        std = torch.tensor(info.std).view(1, -1, 1, 1)
+        return (images * std + mean).clamp(0, 1)
+
+
+def run_distillation(cfg: Config, resume: bool = True) -> Path:
+    """Build everything from the config, distil, return the last exported synthetic set."""
+    from ld3m.config.io import save_config
+    from ld3m.data.datasets import load_dataset
+    from ld3m.prior.model import load_prior
+    from ld3m.tracking import make_tracker
+
+    paths = RunPaths(Path(cfg.run.out_dir))
+    data = load_dataset(cfg.data)
+    if cfg.distill.space == "latent" and not cfg.prior.path:
+        raise ConfigError(
+            "distill.space=latent needs prior.path (`ld3m prior train` or `ld3m prior convert` "
+            "make one), or use distill.space=pixel"
+        )
+    prior = load_prior(cfg.prior.path) if cfg.distill.space == "latent" else None
+    experts = build_experts(cfg) if cfg.distill.objective == "mtt" else None
+    distiller = Distiller(cfg, data, prior, experts)
+    if not resume:
+        distiller.checkpoints.reset()
+    save_config(cfg, paths.config)
+    start = distiller.checkpoints.complete(warn=False)
+    tracker = make_tracker(paths.root, True, purge_step=start[-1][0] if start and resume else None)
+    try:
+        return distiller.run(tracker, resume=resume)
+    finally:
+        tracker.close()
+
+
+def build_experts(cfg: Config) -> object:
+    """The expert sampler over the complete shards of experts.dir."""
+    from ld3m.experts.sampler import ExpertSampler
+    from ld3m.experts.store import ExpertStore
+
+    if not cfg.experts.dir:
+        raise ConfigError(
+            "distill.objective=mtt needs experts.dir (train them with `ld3m experts`)"
+        )
+    return ExpertSampler(ExpertStore(Path(cfg.experts.dir)), seed=cfg.distill.seed)

@@ -1,0 +1,216 @@
+"""Train expert networks on the real data and record their trajectories (MTT's buffer.py).
+
+An expert is a fresh network (initialised from its seed) trained with plain SGD at a constant
+learning rate, batch `experts.batch`, DSA with per-sample draws, cross entropy, reshuffled every
+epoch. Its trajectory is the flat parameter vector after init and after every epoch.
+
+`experts.keep_epochs = K > 0` trains only K epochs: with a constant learning rate and one random
+stream consumed epoch by epoch, snapshots 0..K are identical to those of a longer run, so the
+later epochs would be thrown away anyway (tested).
+
+`ld3m experts --shard i/n` trains experts i, i+n, i+2n, ... (< experts.num) and writes them as
+one shard; a complete shard is skipped, so a requeued or rerun array task does nothing twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ld3m.config.schema import ExpertsConfig
+from ld3m.data.augment import DEFAULT_STRATEGY, DiffAugment
+from ld3m.data.datasets import DatasetInfo, RealDataset, load_dataset
+from ld3m.errors import ConfigError, DataError, TrainingError
+from ld3m.experts.store import ExpertSpec, ExpertStore, Trajectory
+from ld3m.jsonl import append_jsonl
+from ld3m.models.functional import flatten_params
+from ld3m.models.networks import build_network
+from ld3m.utils.progress import ProgressMode, progress
+
+__all__ = [
+    "Trajectory",
+    "experts_main",
+    "parse_shard",
+    "shard_experts",
+    "train_expert",
+]
+
+log = logging.getLogger(__name__)
+
+TEST_BATCH = 500
+JSONL_NAME = "experts.jsonl"
+
+
+def check_experts_config(cfg: ExpertsConfig) -> None:
+    """Raise ConfigError for expert settings that cannot train."""
+    for key in ("num", "epochs", "batch"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"experts.{key}={getattr(cfg, key)} must be at least 1")
+    if cfg.keep_epochs < 0:
+        raise ConfigError(f"experts.keep_epochs={cfg.keep_epochs} is negative; use 0 to keep all")
+    if not cfg.lr > 0:
+        raise ConfigError(f"experts.lr={cfg.lr} must be positive (MTT uses 0.01)")
+
+
+def trained_epochs(cfg: ExpertsConfig) -> int:
+    """Epochs actually trained: experts.epochs, or keep_epochs when that is smaller and > 0."""
+    return min(cfg.epochs, cfg.keep_epochs) if cfg.keep_epochs > 0 else cfg.epochs
+
+
+def seeded_network(arch: str, info: DatasetInfo, seed: int) -> nn.Module:
+    """A fresh `arch` for `info`'s images, initialised from torch.manual_seed(seed).
+
+    The global RNG is forked, so the caller's random state is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_network(arch, info.channels, info.num_classes, info.res)
+
+
+def expert_spec(arch: str, info: DatasetInfo) -> ExpertSpec:
+    """The store spec (parameter layout) of `arch` experts on `info`'s dataset."""
+    return ExpertSpec.from_network(arch, seeded_network(arch, info, 0), info)
+
+
+def train_expert(
+    data: RealDataset, cfg: ExpertsConfig, seed: int, progress_mode: ProgressMode = "auto"
+) -> Trajectory:
+    """Train one expert with seed `seed`; snapshots [trained_epochs + 1, P] (no file I/O)."""
+    check_experts_config(cfg)
+    net = seeded_network(cfg.arch, data.info, seed)
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    augment = DiffAugment(DEFAULT_STRATEGY if cfg.dsa else "none")
+    snapshots, accs = [flatten_params(net)], []
+    epochs = trained_epochs(cfg)
+    net.train()
+    for epoch in progress(range(1, epochs + 1), progress_mode, desc=f"expert seed {seed}"):
+        _train_epoch(net, optimizer, data, cfg.batch, augment, gen, f"seed {seed} epoch {epoch}")
+        snapshots.append(flatten_params(net))
+        accs.append(expert_accuracy(net, data))
+        log.info("expert seed %d epoch %d/%d test_acc %.4f", seed, epoch, epochs, accs[-1])
+    return Trajectory(torch.stack(snapshots), accs, cfg.arch, seed)
+
+
+def _train_epoch(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: RealDataset,
+    batch: int,
+    augment: DiffAugment,
+    gen: torch.Generator,
+    where: str,
+) -> None:
+    """One shuffled pass over the real train split (normalised per batch, DSA per sample)."""
+    order = torch.randperm(len(data.train_labels), generator=gen)
+    for idx in order.split(batch):
+        x = augment(data.normalize(data.train_images[idx]), generator=gen)
+        loss = F.cross_entropy(net(x), data.train_labels[idx])
+        if not torch.isfinite(loss):
+            raise TrainingError(f"expert {where}: loss became {loss.item()}; lower experts.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+@torch.inference_mode()
+def expert_accuracy(net: nn.Module, data: RealDataset, batch: int = TEST_BATCH) -> float:
+    """Top-1 accuracy of `net` (in eval mode) on the real test split."""
+    was_training = net.training
+    net.eval()
+    correct = 0
+    for x, y in zip(data.test_images.split(batch), data.test_labels.split(batch), strict=True):
+        correct += int((net(data.normalize(x)).argmax(dim=1) == y).sum())
+    net.train(was_training)
+    return correct / max(len(data.test_labels), 1)
+
+
+# ---------------------------------------------------------------- command
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """(i, n) from 'i/n', with 0 <= i < n."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if match is None:
+        raise ConfigError(f"--shard {text!r} is not I/N; pass e.g. --shard 0/4 for shard 0 of 4")
+    i, n = int(match[1]), int(match[2])
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard {text}: need 0 <= I < N (shards are numbered 0..N-1)")
+    return i, n
+
+
+def shard_experts(i: int, n: int, num: int) -> list[int]:
+    """Expert ids of shard i of n when there are `num` experts: i, i+n, ... < num."""
+    return list(range(i, num, n))
+
+
+def experts_main(args: argparse.Namespace) -> None:
+    """`ld3m experts`: train this shard's experts unless it is complete, write it, log JSONL."""
+    from ld3m.cli import build_config  # the CLI imports this module
+
+    cfg = build_config(args)
+    ecfg = cfg.experts
+    if not ecfg.dir:
+        raise ConfigError("experts.dir is empty; set experts.dir=<buffer directory>")
+    check_experts_config(ecfg)
+    i, n = parse_shard(args.shard)
+    experts = shard_experts(i, n, ecfg.num)
+    if not experts:
+        raise ConfigError(
+            f"shard {i}/{n} has no experts since experts.num={ecfg.num}; use at most "
+            f"{ecfg.num} shards or raise experts.num"
+        )
+    store = ExpertStore(Path(ecfg.dir))
+    if store.is_complete(i, n):
+        _check_done(store, i, n, experts)
+        store.rebuild_index()
+        print(f"shard {i}/{n} is already complete: {store.shard_path(i, n)}")
+        return
+    data = load_dataset(cfg.data)
+    spec = expert_spec(ecfg.arch, data.info)
+    store.check_new_shard(spec, n)
+    trajectories = train_shard(data, ecfg, experts, cfg.run.progress)
+    config = {"experts": asdict(ecfg), "data": asdict(cfg.data)}
+    path = store.write_shard(i, n, trajectories, spec, config)
+    _log_records(store.root / JSONL_NAME, trajectories, f"{i}/{n}")
+    print(path)
+
+
+def train_shard(
+    data: RealDataset, cfg: ExpertsConfig, experts: Sequence[int], progress_mode: ProgressMode
+) -> list[Trajectory]:
+    """Train experts `experts` (expert k with seed cfg.seed + k), in order."""
+    out = []
+    for k in experts:
+        log.info("training expert %d (%s, seed %d)", k, cfg.arch, cfg.seed + k)
+        traj = train_expert(data, cfg, cfg.seed + k, progress_mode)
+        out.append(Trajectory(traj.snapshots, traj.test_acc, traj.arch, traj.seed, k))
+    return out
+
+
+def _check_done(store: ExpertStore, i: int, n: int, experts: list[int]) -> None:
+    """DataError if the complete shard i/n holds other experts than this config asks for."""
+    have = list(store.shard_meta(store.shard_path(i, n)).experts)
+    if have != experts:
+        raise DataError(
+            f"{store.shard_path(i, n)} holds experts {have} but experts.num asks for {experts}; "
+            "keep the experts.num it was trained with, or use a new experts.dir"
+        )
+
+
+def _log_records(path: Path, trajectories: Sequence[Trajectory], shard: str) -> None:
+    """Append one JSON line per epoch per expert to the buffer's experts.jsonl."""
+    for t in trajectories:
+        for epoch, acc in enumerate(t.test_acc, 1):
+            record = {"expert": t.expert, "epoch": epoch, "test_acc": acc, "seed": t.seed}
+            append_jsonl(path, {**record, "arch": t.arch, "shard": shard})

@@ -1,0 +1,189 @@
+"""The distillation loop: resume equivalence, torn checkpoints, NaN guard, exports, tracking."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ld3m.artifacts import load_set
+from ld3m.config.io import load_config
+from ld3m.config.schema import Config
+from ld3m.data.datasets import DatasetInfo, RealDataset
+from ld3m.distill import loop
+from ld3m.distill.loop import Distiller
+from ld3m.errors import TrainingError
+from ld3m.experts.sampler import ExpertSampler
+from ld3m.experts.store import ExpertStore
+from ld3m.experts.train import expert_spec, train_expert
+from ld3m.tracking import NullTracker, Tracker
+from tests.conftest import make_tiny_prior
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def toy_data(res: int = 16) -> RealDataset:
+    """3 classes of coloured squares with noise, uint8."""
+    gen = torch.Generator().manual_seed(0)
+    n, classes = 12, 3
+    labels = torch.arange(classes).repeat_interleave(n)
+    x = torch.rand(len(labels), 3, res, res, generator=gen) * 80
+    for i, c in enumerate(labels.tolist()):
+        x[i, c] += 150
+    images = x.clamp(0, 255).to(torch.uint8)
+    info = DatasetInfo("toy", classes, ("r", "g", "b"), 3, res, (0.5,) * 3, (0.25,) * 3, None)
+    return RealDataset(images, labels, images.clone(), labels.clone(), info)
+
+
+def make_cfg(tmp_path: Path, *overrides: str) -> Config:
+    base = [
+        f"run.out_dir={tmp_path / 'run'}", "run.progress=off", "distill.ipc=2",
+        "distill.iterations=4", "distill.save_every=2", "distill.export_every=2",
+        "distill.image_every=2", "distill.batch_real=4", "distill.arch=ConvNetD3",
+        "generator.steps=2", "generator.chunk=4",
+    ]  # fmt: skip
+    return load_config(None, [*base, *overrides])
+
+
+def tiny_experts(tmp_path: Path, data: RealDataset) -> Path:
+    cfg = load_config(None, ["experts.epochs=3", "experts.batch=12", "experts.arch=ConvNetD3"])
+    store = ExpertStore(tmp_path / "experts")
+    trajectories = [
+        dataclasses.replace(train_expert(data, cfg.experts, seed=k, progress_mode="off"), expert=k)
+        for k in range(2)
+    ]
+    store.write_shard(0, 1, trajectories, expert_spec("ConvNetD3", data.info))
+    return store.root
+
+
+def build(cfg: Config, data: RealDataset) -> Distiller:
+    prior = make_tiny_prior() if cfg.distill.space == "latent" else None
+    experts = None
+    if cfg.distill.objective == "mtt":
+        experts = ExpertSampler(ExpertStore(Path(cfg.experts.dir)), seed=cfg.distill.seed)
+    return Distiller(cfg, data, prior, experts)
+
+
+CASES = [
+    ("dm", "pixel"),
+    ("dc", "pixel"),
+    ("mtt", "pixel"),
+    ("dm", "latent"),
+    ("mtt", "latent"),
+]
+
+
+@pytest.mark.parametrize(("objective", "space"), CASES)
+def test_resume_equals_uninterrupted_run(tmp_path: Path, objective: str, space: str) -> None:
+    data = toy_data()
+    extra = [f"distill.objective={objective}", f"distill.space={space}", "distill.mtt.syn_steps=2",
+             "distill.mtt.expert_epochs=1", "distill.mtt.max_start_epoch=2"]  # fmt: skip
+    if objective == "mtt":
+        extra.append(f"experts.dir={tiny_experts(tmp_path, data)}")
+    full_cfg = make_cfg(tmp_path / "full", *extra)
+    full = build(full_cfg, data)
+    full.run(NullTracker())
+
+    # Interrupted: stop after 2 iterations (checkpoint at 2), then a fresh process resumes.
+    part_cfg = make_cfg(tmp_path / "part", *extra)
+    first = build(dataclasses.replace(part_cfg, distill=dataclasses.replace(
+        part_cfg.distill, iterations=2)), data)  # fmt: skip
+    first.run(NullTracker())
+    second = build(part_cfg, data)
+    second.run(NullTracker())
+    assert second.state.step == full.state.step == 4
+    for (name, a), (_, b) in zip(full.synset.state_dict().items(),
+                                 second.synset.state_dict().items(), strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+    assert full.synset.state_dict().keys() == second.synset.state_dict().keys()
+    moved = [p for p in full.synset.content() if p.grad is not None]
+    assert moved  # the run really optimised something
+
+
+def test_objective_lowers_loss_on_pixels(tmp_path: Path) -> None:
+    data = toy_data()
+    cfg = make_cfg(tmp_path, "distill.objective=dm", "distill.space=pixel", "distill.lr=1",
+                   "distill.dsa=false", "distill.iterations=1")  # fmt: skip
+    d = build(cfg, data)
+    rng = lambda: torch.Generator().manual_seed(5)  # noqa: E731  same network every time
+    before = d.objective.image_grad(d.synset.images.detach(), d.synset.labels, None, rng()).loss
+    for _ in range(5):
+        d.optimizer.zero_grad()
+        out = d.objective.image_grad(d.synset.images.detach(), d.synset.labels, None, rng())
+        d.synset.images.grad = out.grad
+        d.optimizer.step()
+    after = d.objective.image_grad(d.synset.images.detach(), d.synset.labels, None, rng()).loss
+    assert after < 0.5 * before
+
+
+def test_torn_checkpoint_is_ignored(tmp_path: Path) -> None:
+    data = toy_data()
+    cfg = make_cfg(tmp_path, "distill.objective=dm", "distill.space=pixel")
+    build(cfg, data).run(NullTracker())
+    ckpt = Path(cfg.run.out_dir) / "ckpt"
+    steps = sorted(p.name for p in ckpt.iterdir())
+    assert steps == ["step_00000002", "step_00000004"]
+    newest = ckpt / steps[-1]
+    (newest / "COMPLETE").unlink()  # torn: written but never marked
+    resumed = build(cfg, data)
+    assert resumed.resume() and resumed.state.step == 2
+
+
+def test_nan_guard_skips_then_aborts(tmp_path: Path, monkeypatch) -> None:
+    data = toy_data()
+    cfg = make_cfg(
+        tmp_path, "distill.objective=dm", "distill.space=pixel", "distill.nan_patience=3"
+    )
+    d = build(cfg, data)
+    before = d.synset.images.detach().clone()
+    real = d.objective.image_grad
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return dataclasses.replace(out, loss=float("nan"))
+
+    monkeypatch.setattr(d.objective, "image_grad", poisoned)
+    assert d.step().skipped and d.step().skipped
+    assert torch.equal(d.synset.images.detach(), before)  # skipped steps change nothing
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
+        d.step()
+
+
+def test_run_writes_exports_metrics_and_tensorboard(tmp_path: Path) -> None:
+    data = toy_data()
+    cfg = make_cfg(tmp_path, "distill.objective=dm", "distill.space=latent")
+    d = build(cfg, data)
+    tracker = Tracker(Path(cfg.run.out_dir))
+    path = d.run(tracker)
+    tracker.close()
+    root = Path(cfg.run.out_dir)
+    synset = load_set(path)
+    assert synset.images.shape == (6, 3, 16, 16) and synset.meta.method == "ld3m_dm"
+    assert set(synset.latents) == {"z", "c"} and synset.meta.step == 4
+    assert (root / "artifacts" / "set_000002.safetensors").is_file()
+    tags = {json.loads(line)["tag"] for line in (root / "metrics.jsonl").read_text().splitlines()}
+    assert {"loss/match", "grad_norm/z", "grad_norm/c", "time/iteration_s"} <= tags
+    assert any((root / "tb").iterdir())
+
+
+def test_loop_draws_nothing_from_global_rng(tmp_path: Path) -> None:
+    data = toy_data()
+    d = build(make_cfg(tmp_path, "distill.objective=dc", "distill.space=pixel"), data)
+    state = torch.random.get_rng_state()
+    d.step()
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_default_learning_rates_cover_every_objective() -> None:
+    for space in ("latent", "pixel"):
+        for objective in ("dc", "dm", "mtt"):
+            assert loop.DEFAULT_LR[(space, objective)] > 0

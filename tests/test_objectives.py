@@ -1,0 +1,282 @@
+"""Matching objectives: gradients against direct autograd references, determinism, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ld3m.config.schema import DistillConfig, MTTConfig
+from ld3m.data.augment import DiffAugment
+from ld3m.data.datasets import DatasetInfo, RealDataset
+from ld3m.distill.objectives import OBJECTIVES, build_objective
+from ld3m.distill.objectives.base import draw_seed, seeded_network
+from ld3m.errors import ConfigError
+from ld3m.models.functional import flatten_params, functional_forward
+
+K, C, R, IPC = 3, 3, 8, 2
+NET = {"width": 8, "depth": 2}
+STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+
+class FakeExperts:
+    """The ExpertSampler interface: `next()` returns an object with `.snapshots` [E+1, P]."""
+
+    def __init__(self, snapshots: torch.Tensor) -> None:
+        self.snapshots = snapshots
+
+    def next(self) -> SimpleNamespace:
+        return SimpleNamespace(snapshots=self.snapshots)
+
+
+def make_data() -> RealDataset:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(K).repeat_interleave(6)
+    images = torch.randint(0, 256, (labels.numel(), C, R, R), generator=g, dtype=torch.uint8)
+    info = DatasetInfo("toy", K, ("a", "b", "c"), C, R, (0.5,) * C, (0.25,) * C, None)
+    return RealDataset(images, labels, images, labels, info)
+
+
+def make_snapshots(data: RealDataset, epochs: int = 4) -> torch.Tensor:
+    """A real (full-batch SGD) trajectory of the tiny ConvNet on the toy data."""
+    net = seeded_network("ConvNet", C, K, R, seed=1, overrides=NET)
+    x, y = data.train_tensors()
+    theta = flatten_params(net)
+    snaps = [theta]
+    for _ in range(epochs):
+        theta = theta.detach().requires_grad_(True)
+        g = torch.autograd.grad(F.cross_entropy(functional_forward(net, theta, x), y), theta)[0]
+        theta = (theta - 0.5 * g).detach()
+        snaps.append(theta)
+    return torch.stack(snaps)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny networks: one torch thread (restored after) avoids oversubscribing busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data() -> RealDataset:
+    return make_data()
+
+
+@pytest.fixture(scope="module")
+def experts(data: RealDataset) -> FakeExperts:
+    return FakeExperts(make_snapshots(data))
+
+
+def make_cfg(objective: str, dsa: bool = True, **mtt: int | float) -> DistillConfig:
+    mtt_cfg = MTTConfig(**{"syn_steps": 2, "max_start_epoch": 2, "expert_epochs": 2, **mtt})
+    return DistillConfig(
+        objective=objective, arch="ConvNet", batch_real=4, dsa=dsa, dsa_strategy=STRATEGY,
+        ipc=IPC, mtt=mtt_cfg,
+    )  # fmt: skip
+
+
+def syn_set(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(K * IPC, C, R, R, generator=g, dtype=dtype), torch.arange(
+        K
+    ).repeat_interleave(IPC)
+
+
+def build(name: str, data: RealDataset, experts: FakeExperts, **kw: object) -> object:
+    cfg = kw.pop("cfg", None) or make_cfg(name)
+    return build_objective(cfg, data, K, C, R, experts, net_overrides=NET, **kw)
+
+
+def rng(seed: int = 3) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- direct references
+
+
+def ref_distance(gr: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    if gr.ndim == 1:
+        return torch.zeros((), dtype=gr.dtype)
+    if gr.ndim == 4:
+        gr, gs = gr.reshape(gr.shape[0], -1), gs.reshape(gs.shape[0], -1)
+    cos = (gr * gs).sum(-1) / (gr.norm(dim=-1) * gs.norm(dim=-1) + 1e-6)
+    return (1 - cos).sum()
+
+
+def reference(name: str, data: RealDataset, images: torch.Tensor, labels: torch.Tensor, g):
+    """DC or DM loss over all classes as ONE scalar, and its autograd image gradient."""
+    cfg = make_cfg(name)
+    net = seeded_network("ConvNet", C, K, R, draw_seed(g), NET).double()
+    params = list(net.parameters())
+    aug, x_all = DiffAugment(STRATEGY), images.clone().requires_grad_(True)
+    total = torch.zeros((), dtype=torch.float64)
+    for c in range(K):
+        real = data.images_of_class(c, cfg.batch_real, g).double()
+        seed = draw_seed(g)
+        syn = x_all[labels == c]
+        if name == "dm":
+            diff = net.embed(aug(real, seed=seed)).mean(0) - net.embed(aug(syn, seed=seed)).mean(0)
+            total = total + diff.square().sum()
+            continue
+        y_real, y_syn = torch.full((len(real),), c), torch.full((len(syn),), c)
+        g_real = torch.autograd.grad(F.cross_entropy(net(aug(real, seed=seed)), y_real), params)
+        loss_syn = F.cross_entropy(net(aug(syn, seed=seed)), y_syn)
+        g_syn = torch.autograd.grad(loss_syn, params, create_graph=True)
+        total = total + sum(ref_distance(r, s) for r, s in zip(g_real, g_syn, strict=True))
+    return total, torch.autograd.grad(total, x_all)[0]
+
+
+def ref_unroll(snapshots, images, labels, alpha: float, steps: int, expert_epochs: int = 2):
+    """Original MTT (start 0, whole set, no DSA): autograd through every student step."""
+    net = seeded_network("ConvNet", C, K, R, 0, NET)
+    theta0, target = snapshots[0].double(), snapshots[expert_epochs].double()
+    x_all = images.clone().requires_grad_(True)
+    a = torch.tensor(alpha, dtype=torch.float64, requires_grad=True)
+    theta = theta0.clone().requires_grad_(True)
+    for _ in range(steps):
+        ce = F.cross_entropy(functional_forward(net, theta, x_all), labels)
+        theta = theta - a * torch.autograd.grad(ce, theta, create_graph=True)[0]
+    loss = (theta - target).square().sum() / (theta0 - target).square().sum()
+    return (loss.detach(), *torch.autograd.grad(loss, (x_all, a)))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+# ---------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("name", ["dc", "dm"])
+def test_dc_dm_gradient_equals_direct_autograd(name: str, data: RealDataset) -> None:
+    images, labels = syn_set()
+    out = build(name, data, None).image_grad(images, labels, None, rng())
+    ref_loss, ref_grad = reference(name, data, images, labels, rng())
+    assert out.loss == pytest.approx(float(ref_loss.detach()), rel=1e-10)
+    assert out.grad.abs().sum() > 0
+    torch.testing.assert_close(out.grad, ref_grad, rtol=1e-8, atol=1e-12)
+
+
+def mtt_cfg(**mtt: int | float) -> DistillConfig:
+    return make_cfg("mtt", dsa=False, **{"max_start_epoch": 1, **mtt})
+
+
+@pytest.mark.parametrize("estimator", ["tesla", "unroll"])
+def test_mtt_single_step_equals_full_unroll(estimator: str, data, experts) -> None:
+    images, labels = syn_set()
+    obj = build("mtt", data, experts, cfg=mtt_cfg(syn_steps=1), estimator=estimator)
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    out = obj.image_grad(images, labels, lr, rng())
+    loss, grad, lr_grad = ref_unroll(experts.snapshots, images, labels, 0.05, steps=1)
+    assert out.loss == pytest.approx(float(loss), rel=1e-10)
+    torch.testing.assert_close(out.grad, grad, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(out.lr_grad, lr_grad, rtol=1e-5, atol=1e-12)
+
+
+def test_mtt_three_steps_tesla_is_first_order_approximation(data, experts) -> None:
+    images, labels = syn_set()
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    loss, grad, lr_grad = ref_unroll(experts.snapshots, images, labels, 0.05, steps=3)
+    outs = {
+        est: build("mtt", data, experts, cfg=mtt_cfg(syn_steps=3), estimator=est).image_grad(
+            images, labels, lr, rng()
+        )
+        for est in ("tesla", "unroll")
+    }
+    torch.testing.assert_close(outs["unroll"].grad, grad, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(outs["unroll"].lr_grad, lr_grad, rtol=1e-5, atol=1e-12)
+    tesla = outs["tesla"]
+    assert tesla.loss == pytest.approx(float(loss), rel=1e-10)  # same forward unroll
+    assert not torch.allclose(tesla.grad, grad, rtol=1e-3)  # later g_j's X-dependence dropped
+    assert cosine(tesla.grad, grad) > 0.9
+    assert float(tesla.lr_grad) != pytest.approx(float(lr_grad), rel=1e-4)
+    assert float(tesla.lr_grad) * float(lr_grad) > 0
+
+
+def test_mtt_tesla_matches_unroll_with_dsa_and_minibatches(data, experts) -> None:
+    """One step, random start, per-sample DSA, minibatch of 4: both estimators agree exactly."""
+    cfg = make_cfg("mtt", dsa=True, syn_steps=1, batch_syn=4)
+    images, labels = syn_set()
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    a, b = (
+        build("mtt", data, experts, cfg=cfg, estimator=est).image_grad(images, labels, lr, rng())
+        for est in ("tesla", "unroll")
+    )
+    assert a.stats == b.stats
+    assert int((a.grad.flatten(1).abs().sum(1) > 0).sum()) == 4  # only the minibatch moves
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(a.lr_grad, b.lr_grad, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_objective_descends_its_own_loss(name: str, data, experts) -> None:
+    """Normalised gradient steps on the images lower the loss (same rng seed every evaluation)."""
+    obj = build(name, data, experts)
+    images, labels = syn_set()
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    first = obj.image_grad(images, labels, lr, rng())
+    out = first
+    for _ in range(3):
+        images = images - 0.3 * out.grad / out.grad.norm()
+        out = obj.image_grad(images, labels, lr, rng())
+    assert out.loss < first.loss
+
+
+# ---------------------------------------------------------------- protocol, determinism
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_objective_contract(name: str, data, experts) -> None:
+    obj = build(name, data, experts)
+    assert obj.name == name and obj.uses_experts == (name == "mtt") == obj.learns_lr
+    images, labels = syn_set(torch.float32)
+    lr = torch.tensor(0.01)
+    state = torch.random.get_rng_state()
+    a = obj.image_grad(images, labels, lr, rng(7))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = obj.image_grad(images, labels, lr, rng(7))
+    c = obj.image_grad(images, labels, lr, rng(8))
+    assert a.grad.shape == images.shape and a.grad.dtype == images.dtype
+    assert torch.isfinite(a.grad).all() and a.loss > 0 and a.loss == b.loss
+    assert torch.equal(a.grad, b.grad) and a.stats == b.stats
+    assert not torch.equal(a.grad, c.grad)
+    if obj.learns_lr:
+        assert a.lr_grad.shape == lr.shape and torch.isfinite(a.lr_grad)
+        assert torch.equal(a.lr_grad, b.lr_grad)
+    else:
+        assert a.lr_grad is None
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unknown_objective(data) -> None:
+    with pytest.raises(ConfigError, match=r"unknown distill\.objective 'kip'; choose one of"):
+        build_objective(replace(make_cfg("dm"), objective="kip"), data, K, C, R)
+
+
+def test_mtt_needs_experts(data) -> None:
+    with pytest.raises(ConfigError, match="needs expert trajectories"):
+        build_objective(make_cfg("mtt"), data, K, C, R, None, net_overrides=NET)
+
+
+def test_mtt_too_short_trajectory(data, experts) -> None:
+    obj = build("mtt", data, experts, cfg=make_cfg("mtt", max_start_epoch=3, expert_epochs=2))
+    images, labels = syn_set()
+    obj.image_grad(images, labels, None, rng())  # reads epoch 4 of 4: fine
+    cfg = make_cfg("mtt", max_start_epoch=3, expert_epochs=3)
+    with pytest.raises(ConfigError, match=r"has 4 epochs but MTT reads epoch 5.*train experts"):
+        build("mtt", data, experts, cfg=cfg).image_grad(images, labels, None, rng())
+
+
+def test_mtt_expert_of_other_network(data, experts) -> None:
+    obj = build_objective(make_cfg("mtt"), data, K, C, R, experts, net_overrides={"width": 4})
+    with pytest.raises(ConfigError, match=r"parameters; train experts with distill\.arch"):
+        obj.image_grad(*syn_set(), None, rng())

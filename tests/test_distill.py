@@ -23,14 +23,6 @@ from ld3m.tracking import NullTracker, Tracker
 from tests.conftest import make_tiny_prior
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def toy_data(res: int = 16) -> RealDataset:
     """3 classes of coloured squares with noise, uint8."""
     gen = torch.Generator().manual_seed(0)

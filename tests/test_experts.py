@@ -7,7 +7,6 @@ import dataclasses
 import json
 import multiprocessing as mp
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,15 +47,6 @@ def tiny_dataset(train_per_class: int = 16, test_per_class: int = 16) -> RealDat
     names = tuple(str(c) for c in range(CLASSES))
     info = DatasetInfo("tiny", CLASSES, names, 1, RES, (0.35,), (0.25,), None)
     return RealDataset(*splits[0], *splits[1], info)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny networks run fastest on one thread (and do not fight a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 FAST = ExpertsConfig(arch="ConvNetD3", epochs=3, lr=0.05, batch=16, dsa=True)

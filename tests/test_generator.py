@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -27,15 +26,6 @@ from tests.conftest import make_tiny_prior
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 N, STEPS, CHUNK = 3, 3, 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny model is overhead-bound: extra threads only contend (200x slower on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -53,15 +52,6 @@ def make_snapshots(data: RealDataset, epochs: int = 4) -> torch.Tensor:
         theta = (theta - 0.5 * g).detach()
         snaps.append(theta)
     return torch.stack(snaps)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny networks: one torch thread (restored after) avoids oversubscribing busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

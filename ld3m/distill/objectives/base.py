@@ -22,7 +22,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ld3m.config.schema import DistillConfig
 from ld3m.data.augment import DiffAugment
+from ld3m.data.datasets import RealDataset
+from ld3m.errors import ConfigError
 from ld3m.models.networks import build_network
 
 SEED_HIGH = 2**62
@@ -107,3 +110,37 @@ def siamese(aug: DiffAugment | None, x: Tensor, seed: int) -> Tensor:
 def make_augment(enabled: bool, strategy: str) -> DiffAugment | None:
     """DiffAugment for `strategy` when enabled (validates the strategy), else None."""
     return DiffAugment(strategy) if enabled else None
+
+
+class FreshNetworkObjective:
+    """Base of objectives that match on a freshly initialised random network per call (DC, DM)."""
+
+    uses_experts = False
+    learns_lr = False
+
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        data: RealDataset,
+        num_classes: int,
+        channels: int,
+        res: int,
+        experts: object | None = None,
+        *,
+        net_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Match on `cfg.arch` for [B, channels, res, res] images (`experts` is ignored)."""
+        if cfg.batch_real < 1:
+            raise ConfigError(
+                f"distill.batch_real must be >= 1, got {cfg.batch_real}; set it to 256"
+            )
+        self.cfg, self.data = cfg, data
+        self.net_spec = (cfg.arch, channels, num_classes, res)
+        self.net_overrides = dict(net_overrides or {})
+        self.aug = make_augment(cfg.dsa, cfg.dsa_strategy)
+        seeded_network(*self.net_spec, seed=0, overrides=self.net_overrides)  # fail early
+
+    def fresh_network(self, rng: torch.Generator, like: Tensor) -> nn.Module:
+        """A network initialised from a seed drawn from `rng`, on `like`'s device and dtype."""
+        net = seeded_network(*self.net_spec, seed=draw_seed(rng), overrides=self.net_overrides)
+        return net.to(device=like.device, dtype=like.dtype)

@@ -14,24 +14,19 @@ batch, the DSA seed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ld3m.config.schema import DistillConfig
-from ld3m.data.datasets import RealDataset
 from ld3m.distill.objectives.base import (
+    FreshNetworkObjective,
     ObjectiveOutput,
     class_indices,
     draw_seed,
-    make_augment,
-    seeded_network,
     siamese,
 )
-from ld3m.errors import ConfigError
 
 
 def distance_wb(g_real: Tensor, g_syn: Tensor) -> Tensor:
@@ -51,44 +46,16 @@ def match_distance(g_real: Sequence[Tensor], g_syn: Sequence[Tensor]) -> Tensor:
     return torch.stack([distance_wb(r, s) for r, s in zip(g_real, g_syn, strict=True)]).sum()
 
 
-def check_batch_real(cfg: DistillConfig) -> None:
-    """Raise ConfigError unless distill.batch_real >= 1."""
-    if cfg.batch_real < 1:
-        raise ConfigError(f"distill.batch_real must be >= 1, got {cfg.batch_real}; set it to 256")
-
-
-class GradientMatching:
+class GradientMatching(FreshNetworkObjective):
     """DC gradient matching on a fresh random network per call."""
 
     name = "dc"
-    uses_experts = False
-    learns_lr = False
-
-    def __init__(
-        self,
-        cfg: DistillConfig,
-        data: RealDataset,
-        num_classes: int,
-        channels: int,
-        res: int,
-        experts: object | None = None,
-        *,
-        net_overrides: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Match on `cfg.arch` for [B, channels, res, res] images (`experts` is ignored)."""
-        check_batch_real(cfg)
-        self.cfg, self.data = cfg, data
-        self.net_spec = (cfg.arch, channels, num_classes, res)
-        self.net_overrides = dict(net_overrides or {})
-        self.aug = make_augment(cfg.dsa, cfg.dsa_strategy)
-        seeded_network(*self.net_spec, seed=0, overrides=self.net_overrides)  # fail early
 
     def image_grad(
         self, images: Tensor, labels: Tensor, syn_lr: Tensor | None, rng: torch.Generator
     ) -> ObjectiveOutput:
         """Sum over classes of the gradient-matching distance and its gradient [N,C,H,W]."""
-        net = seeded_network(*self.net_spec, seed=draw_seed(rng), overrides=self.net_overrides)
-        net = net.to(device=images.device, dtype=images.dtype)
+        net = self.fresh_network(rng, images)
         params = [p for p in net.parameters() if p.requires_grad]
         grad = torch.zeros_like(images)
         total = 0.0

@@ -10,57 +10,28 @@ batch, the DSA seed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from ld3m.config.schema import DistillConfig
-from ld3m.data.datasets import RealDataset
 from ld3m.distill.objectives.base import (
+    FreshNetworkObjective,
     ObjectiveOutput,
     class_indices,
     draw_seed,
-    make_augment,
-    seeded_network,
     siamese,
 )
-from ld3m.distill.objectives.dc import check_batch_real
 
 
-class DistributionMatching:
+class DistributionMatching(FreshNetworkObjective):
     """DM distribution matching on a fresh random frozen network per call."""
 
     name = "dm"
-    uses_experts = False
-    learns_lr = False
-
-    def __init__(
-        self,
-        cfg: DistillConfig,
-        data: RealDataset,
-        num_classes: int,
-        channels: int,
-        res: int,
-        experts: object | None = None,
-        *,
-        net_overrides: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Match on `cfg.arch` for [B, channels, res, res] images (`experts` is ignored)."""
-        check_batch_real(cfg)
-        self.cfg, self.data = cfg, data
-        self.net_spec = (cfg.arch, channels, num_classes, res)
-        self.net_overrides = dict(net_overrides or {})
-        self.aug = make_augment(cfg.dsa, cfg.dsa_strategy)
-        seeded_network(*self.net_spec, seed=0, overrides=self.net_overrides)  # fail early
 
     def image_grad(
         self, images: Tensor, labels: Tensor, syn_lr: Tensor | None, rng: torch.Generator
     ) -> ObjectiveOutput:
         """Sum over classes of the mean-embedding distance and its gradient [N,C,H,W]."""
-        net = seeded_network(*self.net_spec, seed=draw_seed(rng), overrides=self.net_overrides)
-        net = net.to(device=images.device, dtype=images.dtype).requires_grad_(False)
+        net = self.fresh_network(rng, images).requires_grad_(False)
         grad = torch.zeros_like(images)
         total = 0.0
         groups = class_indices(labels)

@@ -109,7 +109,7 @@ class Distiller:
         if self.generator is None:
             return ("pixel", False)
         scheme, ckpt, reason = resolve_scheme(self.generator, len(self.synset.labels))
-        log.info("generator backward: %s, checkpointing %s (%s)", scheme, ckpt, reason)
+        log.debug("generator backward: %s, checkpointing %s (%s)", scheme, ckpt, reason)
         return (scheme, ckpt)
 
     def noise(self, step: int) -> torch.Tensor | None:

@@ -12,10 +12,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one record as a single line (one write call, flushed to disk)."""
+def append_jsonl(path: Path, *records: dict[str, Any]) -> None:
+    """Append records, one line each, in a single write call flushed to disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True) + "\n"
+    line = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(line)
         fh.flush()

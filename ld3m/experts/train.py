@@ -32,7 +32,7 @@ from ld3m.errors import ConfigError, DataError, TrainingError
 from ld3m.experts.store import ExpertSpec, ExpertStore, Trajectory
 from ld3m.jsonl import append_jsonl
 from ld3m.models.functional import flatten_params
-from ld3m.models.networks import build_network
+from ld3m.models.networks import build_seeded_network
 from ld3m.utils.progress import ProgressMode, progress
 
 __all__ = [
@@ -70,9 +70,7 @@ def seeded_network(arch: str, info: DatasetInfo, seed: int) -> nn.Module:
 
     The global RNG is forked, so the caller's random state is left untouched.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_network(arch, info.channels, info.num_classes, info.res)
+    return build_seeded_network(arch, info.channels, info.num_classes, info.res, seed)
 
 
 def expert_spec(arch: str, info: DatasetInfo) -> ExpertSpec:

@@ -331,6 +331,15 @@ NETWORKS: MappingProxyType[str, NetworkBuilder] = MappingProxyType(
 )
 
 
+def build_seeded_network(
+    name: str, channels: int, num_classes: int, res: int, seed: int, **overrides: Any
+) -> nn.Module:
+    """`build_network` initialised from manual_seed(seed); the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_network(name, channels, num_classes, res, **overrides)
+
+
 def build_network(
     name: str, channels: int, num_classes: int, res: int, **overrides: Any
 ) -> nn.Module:

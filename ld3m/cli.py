@@ -6,7 +6,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -18,17 +17,9 @@ from ld3m.errors import Ld3mError
 log = logging.getLogger("ld3m")
 
 
-def preset_path(name: str) -> Path:
-    """Path of a YAML preset shipped inside the package (ld3m/presets/<name>.yaml)."""
-    return Path(str(resources.files("ld3m") / "presets" / f"{name}.yaml"))
-
-
 def build_config(args: argparse.Namespace) -> Config:
     """Config from --config (a path or a preset name) and the positional overrides."""
-    path = args.config
-    if path is not None and not Path(path).exists() and preset_path(path).is_file():
-        path = preset_path(path)
-    cfg = load_config(path, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     return cfg
@@ -103,6 +94,83 @@ def cmd_prior_convert(args: argparse.Namespace) -> None:
     convert_main(args)
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Expand a sweep file and submit its stages (experts -> distill -> eval)."""
+    from ld3m.hpc.submit import submit_sweep
+
+    root = submit_sweep(args.sweep, args.executor)
+    print(root)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    """One line per run of a sweep: state, step, latest loss, latest eval accuracy."""
+    from ld3m.hpc.status import format_status, sweep_status
+
+    print(format_status(sweep_status(Path(args.sweep_dir))))
+
+
+def cmd_render_sbatch(args: argparse.Namespace) -> None:
+    """Print (or write) a filled sbatch script from slurm/."""
+    from ld3m.hpc.sbatch import RenderRequest, render_sbatch
+
+    req = RenderRequest(args.template, args.config, tuple(args.overrides), args.launcher,
+                        args.set, args.shards)  # fmt: skip
+    text = render_sbatch(req)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(args.output)
+    else:
+        print(text, end="")
+
+
+def add_render_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("template", choices=["distill", "experts", "eval"], help="slurm/<name>.sbatch")
+    p.add_argument("-o", "--output", help="write the script here (default: print it)")
+    p.add_argument("--launcher", default="torchrun", choices=["torchrun", "accelerate"],
+                   help="distill: the per-node launcher")  # fmt: skip
+    p.add_argument("--set", help="eval: the synthetic set (default: the run's final set)")
+    p.add_argument("--shards", type=int, default=0, help="experts: array size (default: "
+                   "min(experts.num, slurm.array_parallelism))")  # fmt: skip
+    p.add_argument("--config", help="YAML config file or preset name")
+    p.add_argument("overrides", nargs="*", help="dotted overrides; slurm.<key>=value sets "
+                   "Slurm options (slurm.partition=gpu slurm.gpus_per_node=4 ...)")  # fmt: skip
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    """Result tables (Markdown, CSV, LaTeX) and plots of sweeps or runs."""
+    from ld3m.report.tables import report
+
+    out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
+    written = report([Path(p) for p in args.paths], out)
+    if not written:
+        print("no evaluation records or metrics found under " + " ".join(args.paths))
+    md = out / "results.md"
+    if md.is_file():
+        print(md.read_text(), end="")
+    for path in written:
+        print(path)
+
+
+def add_table_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="sweep directories or run directories")
+    p.add_argument("--out", help="output folder (default: <first path>/report)")
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", help="sweep YAML file (see sweeps/)")
+    p.add_argument(
+        "--executor",
+        default="slurm",
+        choices=["slurm", "local", "debug"],
+        help="slurm: queue job arrays and return; local: run here as processes, stage by "
+        "stage; debug: run in this process",
+    )
+
+
+def add_status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_dir", help="sweep directory (holds manifest.json)")
+
+
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """--config and dotted overrides, shared by every config-driven command."""
     p.add_argument("--config", help="YAML config file or preset name (e.g. quickstart)")
@@ -161,6 +229,10 @@ COMMANDS: dict[str, Command] = {
     "experts": (cmd_experts, add_experts_arguments, "train expert trajectories (or one shard)"),
     "distill": (cmd_distill, add_distill_arguments, "distil a synthetic set (resumable)"),
     "quickstart": (cmd_quickstart, add_config_arguments, "offline demo on MNIST-5k"),
+    "sweep": (cmd_sweep, add_sweep_arguments, "submit a sweep: experts -> distill -> eval arrays"),
+    "status": (cmd_status, add_status_arguments, "one line per run of a sweep"),
+    "render-sbatch": (cmd_render_sbatch, add_render_arguments, "fill a slurm/ sbatch template"),
+    "table": (cmd_table, add_table_arguments, "result tables and plots of sweeps or runs"),
 }
 PRIOR_COMMANDS: dict[str, Command] = {
     "train": (cmd_prior_train, add_distill_arguments, "train a small class-conditional prior"),
@@ -190,7 +262,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ld3m` console script."""
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`eval SET --config c eval.epochs=3`): argparse leaves them over.
+    if extra and hasattr(args, "overrides") and all("=" in a and a[0] != "-" for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -28,3 +28,7 @@ class CheckpointError(Ld3mError):
 
 class TrainingError(Ld3mError):
     """Training diverged (NaN or inf loss) or cannot continue."""
+
+
+class Interrupted(Ld3mError):
+    """Stopped by a signal (time limit, preemption) after saving a checkpoint; rerun to resume."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -17,9 +18,13 @@ def append_jsonl(path: Path, *records: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     line = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+        fcntl.flock(fh, fcntl.LOCK_EX)  # array tasks append to one run's eval.jsonl together
+        try:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:

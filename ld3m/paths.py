@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+STATE_FILE = "state.pt"  # the training state inside each checkpoint folder
+
 
 @dataclass(frozen=True)
 class RunPaths:
@@ -35,6 +37,16 @@ class RunPaths:
     @property
     def metrics_jsonl(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def prior(self) -> Path:
+        """The prior directory `ld3m prior train` exports."""
+        return self.root / "prior"
+
+    @property
+    def samples_png(self) -> Path:
+        """The final sample grid of `ld3m prior train` (one row per class)."""
+        return self.root / "samples.png"
 
     def artifact(self, name: str) -> Path:
         """A synthetic-set file in artifacts/."""

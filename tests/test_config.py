@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ld3m.config.io import all_keys, load_config, save_config
+from ld3m.config.io import all_keys, load_config, preset_names, save_config
 from ld3m.config.schema import Config
 from ld3m.errors import ConfigError
 
@@ -70,7 +70,7 @@ def test_unknown_key_in_file_names_the_file(tmp_path: Path) -> None:
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="neither a YAML file nor a preset; presets: "):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("eval: [1, 2\n")
@@ -89,3 +89,52 @@ def test_all_keys_lists_dotted_leaves() -> None:
     keys = all_keys()
     assert "eval.epochs" in keys and "data.name" in keys
     assert "eval" not in keys
+
+
+def test_base_chain_merges_section_by_section(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("eval:\n  epochs: 7\n  runs: 2\ndata:\n  res: 16\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\neval:\n  runs: 3\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.yaml").write_text("base: ../b.yaml\ndata:\n  name: cifar10\n")
+    cfg = load_config(tmp_path / "sub" / "c.yaml", ["eval.runs=4"])
+    assert (cfg.eval.epochs, cfg.eval.runs, cfg.data.res, cfg.data.name) == (7, 4, 16, "cifar10")
+    assert load_config(tmp_path / "b.yaml").eval.runs == 3
+
+
+def test_base_may_name_a_preset_and_cycles_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text("base: quickstart\neval:\n  epochs: 3\n")
+    cfg = load_config(tmp_path / "mine.yaml")
+    assert cfg.data.name == "mnist5k" and cfg.eval.epochs == 3
+    (tmp_path / "x.yaml").write_text("base: y.yaml\n")
+    (tmp_path / "y.yaml").write_text("base: x.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "x.yaml")
+    (tmp_path / "typo.yaml").write_text("base: quikstart\n")
+    with pytest.raises(ConfigError, match="did you mean 'quickstart'"):
+        load_config(tmp_path / "typo.yaml")
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads(name: str) -> None:
+    load_config(name)
+
+
+@pytest.mark.parametrize("res, depth, steps", [(128, 5, 10), (256, 6, 20)])
+@pytest.mark.parametrize("objective, lr", [("dc", 0.1), ("dm", 1.0), ("mtt", 500.0)])
+@pytest.mark.parametrize("ipc", [1, 10, 50])
+def test_published_presets(res: int, depth: int, steps: int, objective: str, lr: float,
+                           ipc: int) -> None:  # fmt: skip
+    from ld3m.models.networks import default_convnet_depth
+
+    cfg = load_config(f"ld3m_imagenet{res}_{objective}", [f"distill.ipc={ipc}"])
+    d = cfg.distill
+    assert (cfg.data.res, cfg.generator.steps, cfg.generator.guidance) == (res, steps, 3.0)
+    assert (d.objective, d.lr, d.ipc, d.iterations, d.momentum) == (objective, lr, ipc, 10000, 0.5)
+    assert d.arch == cfg.eval.distill_arch == "ConvNet" and default_convnet_depth(res) == depth
+    assert set(cfg.eval.archs) == {"ConvNet", "AlexNet", "VGG11", "ResNet18", "ViT"}
+    assert (cfg.eval.epochs, cfg.eval.runs, cfg.eval.ema_decay) == (1000, 5, 0.995)
+    if objective == "mtt":
+        m = d.mtt
+        assert (m.syn_steps, m.expert_epochs, m.max_start_epoch, m.lr_init) == (10, 2, 2, 0.01)
+        assert cfg.experts.keep_epochs >= m.max_start_epoch + m.expert_epochs
+        assert cfg.experts.dir.endswith(str(res))

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -24,15 +25,73 @@ T = TypeVar("T")
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
-    """Defaults, then the YAML file at `path` (if any), then `key.sub=value` overrides."""
+    """Defaults, then the YAML file at `path` (a file or a preset name; its `base:` chain first),
+    then `key.sub=value` overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
-        tree = read_yaml(Path(path))
+        path = resolve_config(str(path))
+        tree = read_with_bases(path)
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(tree, key, value, source=f"override '{item}'")
     source = f"config file {path}" if path is not None else "overrides"
     return build(Config, tree, prefix="", source=source)
+
+
+def preset_names() -> list[str]:
+    """The presets shipped inside the package (ld3m/presets/<name>.yaml)."""
+    return sorted(p.name[: -len(".yaml")] for p in presets_dir().iterdir() if p.suffix == ".yaml")
+
+
+def presets_dir() -> Path:
+    return Path(str(resources.files("ld3m") / "presets"))
+
+
+def resolve_config(name: str, relative_to: Path | None = None) -> Path:
+    """A config file: an existing path (absolute, or relative to the cwd or to `relative_to`),
+    else the preset of that name."""
+    candidates = [Path(name)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    preset = presets_dir() / f"{name}.yaml"
+    if preset.is_file():
+        return preset
+    close = difflib.get_close_matches(name, preset_names(), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(
+        f"config '{name}' is neither a YAML file nor a preset; {hint}"
+        f"presets: {', '.join(preset_names())}"
+    )
+
+
+def read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML mapping at `path`, laid over the chain of files its `base:` key names (a preset
+    name or a path relative to the file): the file's own keys win."""
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ConfigError(f"config files name each other as base in a cycle ({chain}); break it")
+    tree = read_yaml(path)
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: 'base' must be a preset name or a file path")
+    parent = read_with_bases(resolve_config(base, path.parent), (*seen, path.resolve()))
+    return deep_merge(parent, tree)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` laid on top, section by section."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

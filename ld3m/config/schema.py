@@ -85,6 +85,9 @@ class RunConfig:
     """Progress bars: `auto` shows them only when stdout is a terminal."""
     threads: int = 0
     """torch intra-op threads; 0 leaves torch's default."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage for the distillation optimiser state over data-parallel ranks:
+    0 = off (plain all-reduce), 1 or 2 = partitioned."""
 
 
 @dataclass(frozen=True)

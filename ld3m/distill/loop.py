@@ -24,13 +24,16 @@ from ld3m.config.schema import Config
 from ld3m.data.datasets import RealDataset
 from ld3m.distill.objectives import MatchingObjective, build_objective
 from ld3m.distill.synthetic import build_synthetic_set
-from ld3m.errors import ConfigError, TrainingError
+from ld3m.errors import ConfigError, Interrupted, TrainingError
 from ld3m.generator.backward import generate_and_backward, resolve_scheme
 from ld3m.generator.ldm import LD3MGenerator, draw_noise
-from ld3m.paths import RunPaths
+from ld3m.parallel import Parallel, SyncedOptimizer, setup_parallel
+from ld3m.paths import STATE_FILE, RunPaths
 from ld3m.prior.model import Prior
 from ld3m.tracking import Tracker
 from ld3m.utils.progress import progress
+from ld3m.utils.seeding import stream, stream_seed
+from ld3m.utils.signals import StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +66,6 @@ class StepReport:
     skipped: bool = False
 
 
-def stream_seed(seed: int, step: int, rank: int, purpose: int) -> int:
-    """A distinct 63-bit seed per (seed, step, rank, purpose)."""
-    mixed = (seed * 1_000_003 + step) * 1_000_033 + rank * 97 + purpose
-    return mixed % (2**63 - 1)
-
-
 class Distiller:
     """Owns the synthetic set, its optimiser, the objective and the run directory."""
 
@@ -78,16 +75,19 @@ class Distiller:
         data: RealDataset,
         prior: Prior | None,
         experts: object | None = None,
-        rank: int = 0,
+        par: Parallel | None = None,
     ) -> None:
-        self.cfg, self.data, self.rank = cfg, data, rank
+        self.cfg, self.data = cfg, data
+        self.par = par if par is not None else Parallel()
         d = cfg.distill
         self.paths = RunPaths(Path(cfg.run.out_dir))
         info = data.info
         learns_lr = d.objective == "mtt"
+        if prior is not None:
+            prior = prior.to(self.par.device)
         self.synset = build_synthetic_set(
             data, d.space, d.ipc, d.init, d.seed, d.mtt.lr_init if learns_lr else None, prior
-        )
+        ).to(self.par.device)
         self.generator = None
         if d.space == "latent":
             assert prior is not None
@@ -96,9 +96,8 @@ class Distiller:
             d, data, info.num_classes, info.channels, info.res, experts
         )
         lr = d.lr if d.lr is not None else DEFAULT_LR[(d.space, d.objective)]
-        self.optimizer = torch.optim.SGD(
-            self.synset.param_groups(lr, d.mtt.lr_lr), lr=lr, momentum=d.momentum
-        )
+        sgd = torch.optim.SGD(self.synset.param_groups(lr, d.mtt.lr_lr), lr=lr, momentum=d.momentum)
+        self.optimizer = SyncedOptimizer(self.synset, sgd, self.par)
         self.experts = experts
         self.state = LoopState()
         self.checkpoints = CheckpointManager(self.paths.ckpt)
@@ -117,18 +116,18 @@ class Distiller:
         if self.generator is None:
             return None
         shape = tuple(self.synset.latents.shape)
-        return draw_noise(shape, stream_seed(self.cfg.distill.seed, step, 0, 1))
+        return draw_noise(shape, stream_seed(self.cfg.distill.seed, step, 0, 1)).to(self.par.device)
 
     def step(self) -> StepReport:
         """One distillation iteration."""
         start = time.perf_counter()
         step, d = self.state.step, self.cfg.distill
-        rng = torch.Generator().manual_seed(stream_seed(d.seed, step, self.rank, 2))
-        self.optimizer.zero_grad(set_to_none=True)
-        out = self.compute_grads(rng, self.noise(step))
-        report = StepReport(loss=out, grad_norms=self.grad_norms())
-        if not math.isfinite(out) or not all(map(math.isfinite, report.grad_norms.values())):
-            self.skip_step(out)
+        rng = stream(d.seed, step, self.par.rank, 2)
+        self.optimizer.zero_grad()
+        loss = self.compute_grads(rng, self.noise(step))
+        report = self.average(loss)
+        if not all(map(math.isfinite, [report.loss, *report.grad_norms.values()])):
+            self.skip_step(report.loss)
             report.skipped = True
         else:
             self.state.nan_streak = 0
@@ -139,8 +138,11 @@ class Distiller:
         return report
 
     def compute_grads(self, rng: torch.Generator, noise: torch.Tensor | None) -> float:
-        """Fill .grad of the synthetic set's parameters; return the objective's loss."""
+        """Fill .grad of the synthetic set's parameters with this rank's gradient; return the
+        objective's loss. Autograd runs on detached copies of the parameters and the result is
+        assigned, so no gradient hook of a wrapper (DeepSpeed) fires before the averaging."""
         syn, labels = self.synset, self.synset.labels
+        leaves = [p.detach().requires_grad_(True) for p in syn.content()]
         syn_lr = syn.syn_lr.detach() if syn.syn_lr is not None else None
         result = {}
 
@@ -151,17 +153,29 @@ class Distiller:
             return (images * out.grad.to(images)).sum()
 
         if self.generator is None:
-            surrogate(syn.images).backward()
+            surrogate(leaves[0]).backward()
         else:
             scheme, ckpt = self.scheme
             generate_and_backward(
-                self.generator, syn.latents, syn.context, noise, surrogate,
-                scheme, ckpt, self.cfg.generator.chunk,
-            )  # fmt: skip
+                self.generator, *leaves, noise, surrogate, scheme, ckpt, self.cfg.generator.chunk
+            )
+        for param, leaf in zip(syn.content(), leaves, strict=True):
+            param.grad = leaf.grad
         out = result["out"]
         if syn.syn_lr is not None and out.lr_grad is not None:
-            syn.syn_lr.grad = out.lr_grad.detach().reshape(()).to(syn.syn_lr)
+            syn.syn_lr.grad = out.lr_grad.detach().reshape(syn.syn_lr.shape).to(syn.syn_lr)
         return float(out.loss)
+
+    def average(self, loss: float) -> StepReport:
+        """Average gradients (plain data parallelism) and the loss over ranks; the report's
+        gradient norms are those of the averaged gradient (under ZeRO: the mean of the ranks'
+        local norms). Every rank sees the same report, so all skip or step together."""
+        self.optimizer.average_grads()
+        norms = self.grad_norms()
+        values = torch.tensor([loss, *norms.values()], dtype=torch.float64)
+        self.par.mean_([values])
+        mean_loss, *mean_norms = values.tolist()
+        return StepReport(loss=mean_loss, grad_norms=dict(zip(norms, mean_norms, strict=True)))
 
     def grad_norms(self) -> dict[str, float]:
         """Gradient norms of each learnable tensor (the paper's Table 1 quantity for Z)."""
@@ -174,7 +188,7 @@ class Distiller:
 
     def skip_step(self, loss: float) -> None:
         """NaN/inf guard: drop this step's gradients; abort after `nan_patience` in a row."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         self.state.nan_streak += 1
         self.state.skipped += 1
         log.warning(
@@ -189,8 +203,7 @@ class Distiller:
     def keep_lr_positive(self) -> None:
         """Clamp the learnable step size to at least distill.mtt.min_lr."""
         if self.synset.syn_lr is not None:
-            with torch.no_grad():
-                self.synset.syn_lr.clamp_(min=self.cfg.distill.mtt.min_lr)
+            self.optimizer.clamp_(self.synset.syn_lr, self.cfg.distill.mtt.min_lr)
 
     # ------------------------------------------------------------------ state
 
@@ -202,7 +215,7 @@ class Distiller:
             "loop": self.state.__dict__.copy(),
         }
         if self.experts is not None and hasattr(self.experts, "state_dict"):
-            state["experts"] = self.experts.state_dict()
+            state["experts"] = self.par.gather_object(self.experts.state_dict())  # one per rank
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -217,21 +230,39 @@ class Distiller:
         self.optimizer.load_state_dict(state["optimizer"])
         self.state = LoopState(**state["loop"])
         if "experts" in state and self.experts is not None:
-            self.experts.load_state_dict(state["experts"])
+            per_rank = state["experts"]
+            if len(per_rank) != self.par.world:
+                raise ConfigError(
+                    f"checkpoint was written by {len(per_rank)} rank(s), this run has "
+                    f"{self.par.world}; resume with the same number of processes"
+                )
+            self.experts.load_state_dict(per_rank[self.par.rank])
 
     def save(self) -> None:
-        """Atomic checkpoint of the current state."""
+        """Atomic checkpoint of the current state (collective: every rank calls it)."""
         state = self.state_dict()
-        self.checkpoints.save(self.state.step, lambda d: torch.save(state, d / "state.pt"))
+        par = self.par
+
+        def write(folder: Path) -> None:
+            if par.is_main:
+                torch.save(state, folder / STATE_FILE)
+            self.optimizer.save_sharded(folder)
+
+        self.checkpoints.save_collective(self.state.step, write, par.is_main, par.barrier)
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint, if any; True if resumed."""
 
         def load(folder: Path) -> Path:
-            self.load_state_dict(torch.load(folder / "state.pt", weights_only=True))
+            self.optimizer.load_sharded(folder)
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+            self.load_state_dict(state)
             return folder
 
-        found = self.checkpoints.load_latest(load)
+        found = self.checkpoints.load_latest(load) if self.par.is_main else None
+        found = self.par.broadcast_object(found)
+        if found is not None and not self.par.is_main:
+            load(found)
         if found is not None:
             log.info("resumed from %s at step %d", found, self.state.step)
         return found is not None
@@ -271,28 +302,37 @@ class Distiller:
         scalars["nan_skipped"] = float(self.state.skipped)
         tracker.scalars(scalars, self.state.step)
 
-    def run(self, tracker: Tracker, resume: bool = True) -> Path:
-        """Iterate to distill.iterations with periodic checkpoints, exports and image grids."""
-        d = self.cfg.distill
+    def run(self, tracker: Tracker, resume: bool = True, stop: StopFlag | None = None) -> Path:
+        """Iterate to distill.iterations with periodic checkpoints, exports and image grids; on
+        a stop request (signal) save a checkpoint and raise `Interrupted`."""
+        stop = stop if stop is not None else StopFlag(signals=())
+        d, main = self.cfg.distill, self.par.is_main
         if resume:
             self.resume()
-        last_export = None
-        for _ in progress(range(self.state.step, d.iterations), self.cfg.run.progress, "distill"):
+        mode = self.cfg.run.progress if main else "off"
+        for _ in progress(range(self.state.step, d.iterations), mode, "distill"):
+            if self.par.any(stop.requested):
+                self.save()
+                raise Interrupted(
+                    f"stopped by a signal at step {self.state.step}; checkpoint saved in "
+                    f"{self.paths.ckpt}; rerun the same command to resume"
+                )
             report = self.step()
             self.log_step(tracker, report)
             step = self.state.step
-            if step % d.image_every == 0:
+            if main and step % d.image_every == 0:
                 tracker.images("synthetic", self.grid_images(), step, nrow=d.ipc)
             if step % d.save_every == 0:
                 self.save()
-            if step % d.export_every == 0:
-                last_export = self.export()
-        done = self.checkpoints.complete(warn=False)
-        if not done or done[-1][0] != self.state.step:
+            if main and step % d.export_every == 0:
+                self.export()
+        done = self.checkpoints.complete(warn=False) if main else []
+        if self.par.broadcast_object(not done or done[-1][0] != self.state.step):
             self.save()
-        if last_export is None or self.state.step % d.export_every != 0:
-            last_export = self.export()
-        return last_export
+        final = self.paths.artifact(f"set_{self.state.step:06d}")
+        if main and not final.is_file():  # a rerun of a finished run rewrites nothing
+            self.export()
+        return final
 
     def grid_images(self) -> torch.Tensor:
         """Current images in [0, 1] for a TensorBoard grid."""
@@ -312,6 +352,7 @@ def run_distillation(cfg: Config, resume: bool = True) -> Path:
     from ld3m.tracking import make_tracker
 
     paths = RunPaths(Path(cfg.run.out_dir))
+    par = setup_parallel(cfg.run.zero_stage)
     data = load_dataset(cfg.data)
     if cfg.distill.space == "latent" and not cfg.prior.path:
         raise ConfigError(
@@ -319,20 +360,44 @@ def run_distillation(cfg: Config, resume: bool = True) -> Path:
             "make one), or use distill.space=pixel"
         )
     prior = load_prior(cfg.prior.path) if cfg.distill.space == "latent" else None
-    experts = build_experts(cfg) if cfg.distill.objective == "mtt" else None
-    distiller = Distiller(cfg, data, prior, experts)
-    if not resume:
-        distiller.checkpoints.reset()
-    save_config(cfg, paths.config)
+    experts = build_experts(cfg, par.rank, par.world) if cfg.distill.objective == "mtt" else None
+    distiller = Distiller(cfg, data, prior, experts, par)
+    if par.is_main:
+        if not resume:
+            distiller.checkpoints.reset()
+        save_config(cfg, paths.config)
+    par.barrier()
     start = distiller.checkpoints.complete(warn=False)
-    tracker = make_tracker(paths.root, True, purge_step=start[-1][0] if start and resume else None)
+    purge = start[-1][0] if start and resume else None
+    tracker = make_tracker(paths.root, par.is_main, purge_step=purge)
+    tracker.hparams(flat_config(cfg, ("data", "distill", "generator", "prior", "experts")))
     try:
-        return distiller.run(tracker, resume=resume)
+        with StopFlag() as stop:
+            return distiller.run(tracker, resume=resume, stop=stop)
     finally:
         tracker.close()
 
 
-def build_experts(cfg: Config) -> object:
+def flat_config(cfg: Config, sections: tuple[str, ...]) -> dict[str, object]:
+    """`section.key` -> value of the given config sections (nested sections flattened)."""
+    from ld3m.config.io import to_dict
+
+    out: dict[str, object] = {}
+
+    def walk(prefix: str, tree: dict) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                out[f"{prefix}{key}"] = value
+
+    tree = to_dict(cfg)
+    for section in sections:
+        walk(f"{section}.", tree[section])
+    return out
+
+
+def build_experts(cfg: Config, rank: int = 0, world: int = 1) -> object:
     """The expert sampler over the complete shards of experts.dir."""
     from ld3m.experts.sampler import ExpertSampler
     from ld3m.experts.store import ExpertStore
@@ -341,4 +406,4 @@ def build_experts(cfg: Config) -> object:
         raise ConfigError(
             "distill.objective=mtt needs experts.dir (train them with `ld3m experts`)"
         )
-    return ExpertSampler(ExpertStore(Path(cfg.experts.dir)), seed=cfg.distill.seed)
+    return ExpertSampler(ExpertStore(Path(cfg.experts.dir)), cfg.distill.seed, rank, world)

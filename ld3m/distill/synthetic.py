@@ -34,7 +34,8 @@ class SyntheticSet(nn.Module):
         else:
             self.latents = nn.Parameter(tensors["latents"].detach().clone())
             self.context = nn.Parameter(tensors["context"].detach().clone())
-        self.syn_lr = None if syn_lr is None else nn.Parameter(torch.tensor(float(syn_lr)))
+        # shape [1], not a 0-dim scalar: DeepSpeed's parameter broadcast cannot view 0-dim tensors
+        self.syn_lr = None if syn_lr is None else nn.Parameter(torch.tensor([float(syn_lr)]))
 
     def content(self) -> list[nn.Parameter]:
         """The parameters that make the images (pixels, or Z and c)."""

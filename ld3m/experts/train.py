@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ld3m.config.schema import ExpertsConfig
+from ld3m.config.schema import Config, ExpertsConfig
 from ld3m.data.augment import DEFAULT_STRATEGY, DiffAugment
 from ld3m.data.datasets import DatasetInfo, RealDataset, load_dataset
 from ld3m.errors import ConfigError, DataError, TrainingError
@@ -156,12 +156,17 @@ def experts_main(args: argparse.Namespace) -> None:
     """`ld3m experts`: train this shard's experts unless it is complete, write it, log JSONL."""
     from ld3m.cli import build_config  # the CLI imports this module
 
-    cfg = build_config(args)
+    i, n = parse_shard(args.shard)
+    path, trained = run_expert_shard(build_config(args), i, n)
+    print(path if trained else f"shard {i}/{n} is already complete: {path}")
+
+
+def run_expert_shard(cfg: Config, i: int, n: int) -> tuple[Path, bool]:
+    """Train and write shard i of n of experts.dir unless it is complete: (its path, trained)."""
     ecfg = cfg.experts
     if not ecfg.dir:
         raise ConfigError("experts.dir is empty; set experts.dir=<buffer directory>")
     check_experts_config(ecfg)
-    i, n = parse_shard(args.shard)
     experts = shard_experts(i, n, ecfg.num)
     if not experts:
         raise ConfigError(
@@ -172,8 +177,7 @@ def experts_main(args: argparse.Namespace) -> None:
     if store.is_complete(i, n):
         _check_done(store, i, n, experts)
         store.rebuild_index()
-        print(f"shard {i}/{n} is already complete: {store.shard_path(i, n)}")
-        return
+        return store.shard_path(i, n), False
     data = load_dataset(cfg.data)
     spec = expert_spec(ecfg.arch, data.info)
     store.check_new_shard(spec, n)
@@ -181,7 +185,7 @@ def experts_main(args: argparse.Namespace) -> None:
     config = {"experts": asdict(ecfg), "data": asdict(cfg.data)}
     path = store.write_shard(i, n, trajectories, spec, config)
     _log_records(store.root / JSONL_NAME, trajectories, f"{i}/{n}")
-    print(path)
+    return path, True
 
 
 def train_shard(

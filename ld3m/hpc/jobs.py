@@ -1,0 +1,103 @@
+"""The job callables that a sweep submits: one per stage, each given only a config file.
+
+A job never holds state of its own: everything it needs to continue lives in the run directory
+(checkpoints, expert shards, eval.jsonl). When Slurm signals a timeout or preemption, submitit
+calls `checkpoint()`, which resubmits the same call; the requeued job resumes from the newest
+checkpoint on disk. Every stage is also safe to rerun after it finished (it skips done work).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from ld3m.config.io import load_config
+from ld3m.config.schema import Config
+from ld3m.paths import RunPaths
+
+log = logging.getLogger(__name__)
+
+
+def experts_stage(config: str, shard: int, shards: int) -> str:
+    """Train shard `shard` of `shards` of the config's expert buffer (skipped when complete)."""
+    from ld3m.experts.train import run_expert_shard
+
+    return str(run_expert_shard(load_config(config), shard, shards)[0])
+
+
+def distill_stage(config: str) -> str:
+    """Distil (resuming from the run directory's newest checkpoint); the final set's path."""
+    from ld3m.distill.loop import run_distillation
+
+    return str(run_distillation(load_config(config), resume=True))
+
+
+def baseline_stage(config: str) -> str:
+    """Write the random-real baseline set of the run (deterministic; rewriting is harmless)."""
+    from ld3m.artifacts import save_set
+    from ld3m.baseline import random_real_set
+    from ld3m.data.datasets import load_dataset
+
+    cfg = load_config(config)
+    path = baseline_path(cfg)
+    if path.is_file():
+        return str(path)
+    synset = random_real_set(load_dataset(cfg.data), cfg.baseline.ipc, cfg.baseline.seed)
+    return str(save_set(path, synset))
+
+
+def baseline_path(cfg: Config) -> Path:
+    return RunPaths(Path(cfg.run.out_dir)).artifact(f"random_real_ipc{cfg.baseline.ipc}")
+
+
+def final_set(cfg: Config, kind: str) -> Path:
+    """The synthetic set a finished run leaves for evaluation."""
+    if kind == "baseline":
+        return baseline_path(cfg)
+    return RunPaths(Path(cfg.run.out_dir)).artifact(f"set_{cfg.distill.iterations:06d}")
+
+
+def eval_stage(config: str, kind: str, arch: str, seed: int) -> dict[str, Any]:
+    """Train one fresh `arch` network (seed `seed`) on the run's final set; its eval record."""
+    from dataclasses import replace
+
+    from ld3m.evaluate.harness import evaluate_set
+
+    cfg = load_config(config)
+    ecfg = replace(cfg.eval, archs=(arch,), seed=seed, runs=1)
+    set_path = final_set(cfg, kind)
+    out = RunPaths(Path(cfg.run.out_dir)).eval_jsonl
+    return evaluate_set(set_path, cfg.data, ecfg, out, "off")[0]
+
+
+STAGES = {
+    "experts": experts_stage,
+    "distill": distill_stage,
+    "baseline": baseline_stage,
+    "eval": eval_stage,
+}
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """`StageJob()(stage, *args)` runs one stage; on timeout/preemption it is requeued with the
+    same arguments and resumes from disk."""
+
+    def __call__(self, stage: str, *args: Any) -> Any:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        log.info("ld3m %s job: %s", stage, args)
+        export_distributed_env()
+        return STAGES[stage](*args)
+
+
+def export_distributed_env() -> None:
+    """Inside a submitit job with several tasks, set RANK, WORLD_SIZE, MASTER_ADDR, ... for
+    torch.distributed (works for Slurm and the local executor alike)."""
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job
+        return
+    if env.num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export()

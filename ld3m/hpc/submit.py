@@ -1,0 +1,156 @@
+"""`ld3m sweep`: expand a sweep file and submit its stages with submitit.
+
+On Slurm (`--executor slurm`) the stages become job arrays chained by `afterok` dependencies:
+expert buffer shards -> distillation runs -> evaluation tasks (final set x architecture x
+seed), and the command returns as soon as everything is queued. The `local` executor runs the
+same jobs as local processes, stage after stage, `array_parallelism` at a time, and returns
+when the study is done; `debug` runs them in this process (for tests and debugging).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from ld3m.hpc.jobs import StageJob
+from ld3m.hpc.sweep import (
+    RunSpec,
+    SlurmSpec,
+    SweepSpec,
+    eval_tasks,
+    expand,
+    load_sweep,
+    sweep_dir,
+    write_configs,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+EXECUTORS = ("slurm", "local", "debug")
+
+
+@dataclass
+class Stage:
+    """One array of the study: its name and the argument tuples of its tasks."""
+
+    name: str
+    tasks: list[tuple[Any, ...]]
+    distributed: bool = False  # distillation: nodes x tasks_per_node processes per task
+
+
+def plan(spec: SweepSpec, runs: list[RunSpec]) -> list[Stage]:
+    """The stages of the study in order, each with its task arguments."""
+    stages = []
+    if "experts" in spec.stages:
+        tasks, seen = [], set()
+        for run in runs:
+            cfg = run.cfg
+            if run.kind != "distill" or cfg.distill.objective != "mtt" or cfg.experts.dir in seen:
+                continue
+            seen.add(cfg.experts.dir)
+            shards = max(1, min(cfg.experts.num, spec.slurm.array_parallelism))
+            tasks += [("experts", str(run.config_path), i, shards) for i in range(shards)]
+        stages.append(Stage("experts", tasks))
+    if "distill" in spec.stages:
+        distill = [("distill", str(r.config_path)) for r in runs if r.kind == "distill"]
+        stages.append(Stage("distill", distill, distributed=True))
+        baselines = [("baseline", str(r.config_path)) for r in runs if r.kind == "baseline"]
+        stages.append(Stage("baseline", baselines))
+    if "eval" in spec.stages:
+        tasks = [("eval", str(r.config_path), r.kind, arch, seed)
+                 for r in runs for arch, seed in eval_tasks(spec, r)]  # fmt: skip
+        stages.append(Stage("eval", tasks))
+    return [s for s in stages if s.tasks]
+
+
+def slurm_parameters(slurm: SlurmSpec, stage: Stage, name: str) -> dict[str, Any]:
+    """submitit parameters of one stage's array."""
+    time_min = {"eval": slurm.eval_time_min, "experts": slurm.experts_time_min}.get(stage.name, 0)
+    params: dict[str, Any] = {
+        "name": f"{name}-{stage.name}",
+        "timeout_min": time_min or slurm.time_min,
+        "nodes": slurm.nodes if stage.distributed else 1,
+        "tasks_per_node": slurm.tasks_per_node if stage.distributed else 1,
+        "cpus_per_task": slurm.cpus_per_task,
+        "mem_gb": slurm.mem_gb,
+        "slurm_array_parallelism": slurm.array_parallelism,
+        "slurm_signal_delay_s": slurm.signal_delay_s,
+    }
+    if slurm.gpus_per_node:
+        params["gpus_per_node"] = slurm.gpus_per_node if stage.distributed else 1
+    for key, value in (("slurm_partition", slurm.partition), ("slurm_account", slurm.account),
+                       ("slurm_qos", slurm.qos)):  # fmt: skip
+        if value:
+            params[key] = value
+    return params
+
+
+def make_executor(kind: str, folder: Path, spec: SweepSpec, stage: Stage) -> submitit.Executor:
+    """An executor for one stage's array."""
+    if kind == "debug":
+        return submitit.AutoExecutor(folder=folder, cluster="debug")
+    if kind == "local":
+        ex = submitit.LocalExecutor(folder=folder, max_num_timeout=spec.slurm.max_requeue)
+        ntasks = spec.slurm.tasks_per_node if stage.distributed else 1
+        ex.update_parameters(timeout_min=spec.slurm.time_min, tasks_per_node=ntasks,
+                             signal_delay_s=spec.slurm.signal_delay_s)  # fmt: skip
+        return ex
+    ex = submitit.AutoExecutor(folder=folder, cluster="slurm",
+                               slurm_max_num_timeout=spec.slurm.max_requeue)  # fmt: skip
+    ex.update_parameters(**slurm_parameters(spec.slurm, stage, spec.name))
+    return ex
+
+
+def submit_sweep(path: str | Path, executor: str = "slurm") -> Path:
+    """Expand, write every run's config and the manifest, submit; returns the sweep directory."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor {executor!r}: use one of {EXECUTORS}")
+    spec, spec_dir = load_sweep(path)
+    runs = expand(spec, spec_dir)
+    write_configs(runs)
+    root = sweep_dir(spec)
+    jobs: dict[str, list[list[Any]]] = {}  # stage -> [[task arguments, job id], ...]
+    write_manifest(root, spec, runs, jobs)
+    after: str | None = None
+    for stage in plan(spec, runs):
+        folder = root / "logs" / stage.name
+        ex = make_executor(executor, folder, spec, stage)
+        if executor == "slurm":
+            if after:
+                ex.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{after}"})
+            submitted = submit_array(ex, stage.tasks)
+            after = submitted[0].job_id.split("_")[0]
+        else:
+            submitted = run_in_waves(ex, stage.tasks, spec.slurm.array_parallelism)
+        jobs[stage.name] = [
+            [list(t), j.job_id] for t, j in zip(stage.tasks, submitted, strict=True)
+        ]
+        write_manifest(root, spec, runs, jobs)
+        log.info("%s: %d task(s) %s", stage.name, len(submitted),
+                 "queued" if executor == "slurm" else "done")  # fmt: skip
+    return root
+
+
+def submit_array(ex: submitit.Executor, tasks: Sequence[tuple[Any, ...]]) -> list[submitit.Job]:
+    """One job array (a single job when there is one task)."""
+    with ex.batch():
+        jobs = [ex.submit(StageJob(), *task) for task in tasks]
+    return jobs
+
+
+def run_in_waves(ex: submitit.Executor, tasks: Sequence[tuple[Any, ...]],
+                 width: int) -> list[submitit.Job]:  # fmt: skip
+    """Local/debug: run `width` tasks at a time and wait for each wave (errors are raised)."""
+    done: list[submitit.Job] = []
+    for start in range(0, len(tasks), max(width, 1)):
+        wave = [ex.submit(StageJob(), *task) for task in tasks[start : start + width]]
+        for job in wave:
+            job.result()
+        done += wave
+    return done

@@ -1,0 +1,251 @@
+"""Sweep files: a base config, a grid of dotted overrides, evaluation and Slurm settings.
+
+    name: cifar10_ld3m                 # the sweep directory is <out_dir>/<name>
+    base: cpu_cifar10                  # preset name or YAML path (relative to the sweep file)
+    overrides: [distill.iterations=200]
+    grid:                              # cartesian product of dotted overrides
+      distill.objective: [dm, mtt]
+      distill.ipc: [1, 10]
+    eval: {archs: [ConvNet, ResNet18], seeds: [0, 1]}
+    slurm: {partition: gpu, time_min: 240, gpus_per_node: 1, tasks_per_node: 1}
+
+Expansion is pure: the same file always gives the same runs, each in
+`<sweep dir>/runs/<readable name>-<config hash>` (never a timestamp), so resubmitting a sweep
+finds its runs, checkpoints and results again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ld3m.config.io import build, load_config, read_yaml, resolve_config, save_config, to_dict
+from ld3m.config.schema import Config
+from ld3m.errors import ConfigError
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class SlurmSpec:
+    """Slurm parameters of every job of the sweep (per stage where it differs)."""
+
+    partition: str = ""
+    """Partition (empty: the cluster's default)."""
+    time_min: int = 60
+    """Time limit per job in minutes; a job that reaches it is requeued and resumes."""
+    nodes: int = 1
+    """Nodes per distillation job (data parallelism across nodes)."""
+    tasks_per_node: int = 1
+    """Processes per node for distillation (one per GPU)."""
+    gpus_per_node: int = 0
+    """GPUs per node (0 on CPU clusters)."""
+    cpus_per_task: int = 2
+    """CPU cores per process."""
+    mem_gb: int = 16
+    """Memory per node in GB."""
+    array_parallelism: int = 32
+    """How many tasks of one array run at once."""
+    account: str = ""
+    """Slurm account (empty: none)."""
+    qos: str = ""
+    """Quality of service (empty: none)."""
+    max_requeue: int = 20
+    """Requeues allowed per job after timeout or preemption (submitit's max_num_timeout)."""
+    signal_delay_s: int = 120
+    """The job is signalled this long before its time limit to checkpoint and requeue."""
+    eval_time_min: int = 0
+    """Time limit of evaluation tasks (0: time_min)."""
+    experts_time_min: int = 0
+    """Time limit of expert tasks (0: time_min)."""
+
+
+@dataclass(frozen=True)
+class SweepEval:
+    """The cross-architecture evaluation array: final set x architecture x seed."""
+
+    archs: tuple[str, ...] = ()
+    """Architectures (empty: the run config's eval.archs)."""
+    seeds: tuple[int, ...] = ()
+    """Evaluation seeds (empty: eval.seed .. eval.seed + eval.runs - 1 of the run config)."""
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A whole study: runs from a grid, their experts, distillation and evaluation."""
+
+    name: str = ""
+    """Sweep name: the directory under out_dir."""
+    base: str = ""
+    """Base config: a preset name or a YAML file (relative to the sweep file)."""
+    out_dir: str = "sweeps_out"
+    """Where sweep directories go (relative to the working directory)."""
+    overrides: tuple[str, ...] = ()
+    """Dotted overrides applied to every run."""
+    grid: dict[str, Any] = field(default_factory=dict)
+    """Dotted key -> list of values; every combination is one run."""
+    baselines: tuple[int, ...] = ()
+    """IPCs for which a random-real baseline set is made and evaluated alongside."""
+    stages: tuple[str, ...] = ("experts", "distill", "eval")
+    """Stages to run (experts only run when some run uses MTT)."""
+    eval: SweepEval = field(default_factory=SweepEval)
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the sweep: its name, directory, overrides and merged config."""
+
+    name: str
+    dir: Path
+    overrides: tuple[str, ...]
+    cfg: Config
+    kind: str = "distill"  # or "baseline"
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "config.yaml"
+
+
+def load_sweep(path: str | Path) -> tuple[SweepSpec, Path]:
+    """(spec, directory of the sweep file) from a YAML sweep file, keys and types checked."""
+    path = Path(path)
+    tree = read_yaml(path)
+    spec = build(SweepSpec, tree, prefix="", source=f"sweep file {path}")
+    if not spec.name:
+        raise ConfigError(f"sweep file {path} needs a name: (the sweep directory's name)")
+    for key, values in spec.grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep file {path}: grid.{key} must be a non-empty list of values")
+    bad = set(spec.stages) - {"experts", "distill", "eval"}
+    if bad:
+        raise ConfigError(f"sweep file {path}: unknown stages {sorted(bad)}; use experts, "
+                          "distill, eval")  # fmt: skip
+    return spec, path.parent
+
+
+def sweep_dir(spec: SweepSpec) -> Path:
+    return Path(spec.out_dir) / spec.name
+
+
+def config_hash(cfg: Config) -> str:
+    """8 hex digits of the config, without where it is written or how it reports."""
+    tree = to_dict(cfg)
+    tree["run"] = {k: v for k, v in tree["run"].items() if k not in ("out_dir", "progress")}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def readable(overrides: tuple[str, ...]) -> str:
+    """`distill.objective=dm, distill.ipc=10` -> `objective-dm_ipc-10` (file-name safe)."""
+    parts = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        parts.append(f"{key.rsplit('.', 1)[-1]}-{value}")
+    text = "_".join(parts) or "base"
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text)[:80]
+
+
+def grid_points(grid: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Every combination of the grid as a tuple of `key=value` overrides (file order)."""
+    keys = list(grid)
+    combos = itertools.product(*(grid[k] for k in keys))
+    return [tuple(f"{k}={yaml_value(v)}" for k, v in zip(keys, combo, strict=True))
+            for combo in combos]  # fmt: skip
+
+
+def yaml_value(value: Any) -> str:
+    """A grid value as override text (lists and nulls as YAML flow)."""
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def expand(spec: SweepSpec, spec_dir: Path) -> list[RunSpec]:
+    """The sweep's runs: one per grid point, plus one random-real baseline per `baselines` IPC."""
+    base = str(resolve_config(spec.base, spec_dir)) if spec.base else None
+    root = sweep_dir(spec)
+    runs = []
+    for point in grid_points(spec.grid) or [()]:
+        overrides = (*spec.overrides, *point)
+        cfg = load_config(base, overrides)
+        name = f"{readable(point)}-{config_hash(cfg)}"
+        runs.append(finish_run(name, root, overrides, cfg, "distill"))
+    for ipc in spec.baselines:
+        overrides = (*spec.overrides, f"baseline.ipc={ipc}")
+        cfg = load_config(base, overrides)
+        name = f"random-real_ipc-{ipc}-{config_hash(cfg)}"
+        runs.append(finish_run(name, root, overrides, cfg, "baseline"))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sweep {spec.name}: two grid points give the same config; "
+                          "remove the duplicate values")  # fmt: skip
+    return runs
+
+
+def finish_run(name: str, root: Path, overrides: tuple[str, ...], cfg: Config,
+               kind: str) -> RunSpec:  # fmt: skip
+    """The run with its directory and, for MTT, a shared expert buffer per expert config."""
+    run_dir = root / "runs" / name
+    run = replace(cfg.run, out_dir=str(run_dir))
+    cfg = replace(cfg, run=run)
+    if kind == "distill" and cfg.distill.objective == "mtt" and not cfg.experts.dir:
+        buffer = root / "experts" / experts_key(cfg)
+        cfg = replace(cfg, experts=replace(cfg.experts, dir=str(buffer)))
+    return RunSpec(name, run_dir, overrides, cfg, kind)
+
+
+def experts_key(cfg: Config) -> str:
+    """Name of the expert buffer that a config needs (data + expert settings)."""
+    tree = {"data": to_dict(cfg.data), "experts": to_dict(cfg.experts)}
+    digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg.data.name}-{cfg.experts.arch}-{digest}"
+
+
+def write_configs(runs: list[RunSpec]) -> None:
+    """Each run's merged config.yaml: the only thing a job needs."""
+    for run in runs:
+        save_config(run.cfg, run.config_path)
+
+
+def eval_tasks(spec: SweepSpec, run: RunSpec) -> list[tuple[str, int]]:
+    """(architecture, seed) pairs of a run's evaluation."""
+    e = run.cfg.eval
+    archs = spec.eval.archs or e.archs
+    seeds = spec.eval.seeds or tuple(range(e.seed, e.seed + e.runs))
+    return [(a, s) for a in archs for s in seeds]
+
+
+def write_manifest(root: Path, spec: SweepSpec, runs: list[RunSpec], jobs: dict[str, Any]) -> Path:
+    """manifest.json: the sweep spec, every run (name, dir, overrides, kind) and, per stage,
+    each task's arguments with its job id."""
+    root.mkdir(parents=True, exist_ok=True)
+    data = {
+        "name": spec.name,
+        "spec": to_dict(spec),
+        "runs": [run_record(r) for r in runs],
+        "tasks": jobs,
+    }
+    path = root / MANIFEST
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def run_record(run: RunSpec) -> dict[str, Any]:
+    return {"name": run.name, "dir": str(run.dir), "kind": run.kind,
+            "overrides": list(run.overrides)}  # fmt: skip
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of a sweep directory, with a clear error when there is none."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise ConfigError(f"{root} has no {MANIFEST}; pass a sweep directory made by `ld3m sweep`")
+    return json.loads(path.read_text())

@@ -1,0 +1,174 @@
+"""Result tables and plots from the records ld3m writes (`ld3m table`, tools/results.py).
+
+Input: sweep directories (their manifest.json lists the runs) or run directories. Each run's
+eval.jsonl gives one row per trained network; metrics.jsonl gives the loss curve. Output:
+Markdown, CSV and LaTeX tables with mean ± std over evaluation seeds, one row per
+(dataset, method, IPC), one column per architecture plus the mean over the architectures the
+set was not distilled with ("unseen"); PNG plots of accuracy over distillation steps and of the
+matching loss.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ld3m.jsonl import read_jsonl
+from ld3m.paths import RunPaths
+
+ROW_KEYS = ["dataset", "method", "ipc"]
+UNSEEN = "unseen mean"
+
+
+def run_dirs(paths: list[Path]) -> list[Path]:
+    """Run directories named by `paths`: a sweep directory expands to its manifest's runs."""
+    out = []
+    for path in paths:
+        manifest = path / "manifest.json"
+        if manifest.is_file():
+            out += [Path(r["dir"]) for r in json.loads(manifest.read_text())["runs"]]
+        else:
+            out.append(path)
+    return out
+
+
+def distill_arch_of(run: Path) -> str:
+    """The run's eval.distill_arch (ConvNet by default)."""
+    from ld3m.config.io import load_config
+
+    config = RunPaths(run).config
+    return load_config(config).eval.distill_arch if config.is_file() else "ConvNet"
+
+
+def load_records(paths: list[Path]) -> pd.DataFrame:
+    """Every evaluation record of the runs, with `run` and `distill_arch` columns added."""
+    rows = []
+    for run in run_dirs(paths):
+        arch = distill_arch_of(run)
+        for record in read_jsonl(RunPaths(run).eval_jsonl):
+            rows.append({**record, "run": str(run), "distill_arch": arch})
+    return pd.DataFrame(rows)
+
+
+def final_records(records: pd.DataFrame) -> pd.DataFrame:
+    """Records of each run's newest evaluated set (largest distillation step)."""
+    if records.empty:
+        return records
+    newest = records.groupby("run")["step"].transform("max")
+    return records[records["step"] == newest]
+
+
+def summary_table(records: pd.DataFrame) -> pd.DataFrame:
+    """Rows (dataset, method, ipc); per architecture `mean`, `std`, `n` of accuracy in %, and the
+    unseen-architecture mean (mean of the per-architecture means, distillation arch excluded)."""
+    if records.empty:
+        return pd.DataFrame()
+    df = final_records(records).assign(acc=lambda d: 100 * d["acc"])
+    stats = df.groupby([*ROW_KEYS, "arch"])["acc"].agg(["mean", "std", "count"])
+    stats["std"] = df.groupby([*ROW_KEYS, "arch"])["acc"].std(ddof=0)
+    table = stats.unstack("arch")
+    distill = df.groupby(ROW_KEYS)["distill_arch"].first()
+    means = table["mean"]
+    unseen = [means.loc[idx, [a for a in means.columns if a != distill.loc[idx]]].mean()
+              for idx in means.index]  # fmt: skip
+    table[("mean", UNSEEN)] = unseen
+    return table
+
+
+def archs_in_order(table: pd.DataFrame) -> list[str]:
+    preferred = ["ConvNet", "AlexNet", "VGG11", "ResNet18", "ViT"]
+    archs = [a for a in table["mean"].columns if a != UNSEEN]
+    return sorted(archs, key=lambda a: (preferred.index(a) if a in preferred else 99, a))
+
+
+def formatted(table: pd.DataFrame, pm: str = " ± ") -> pd.DataFrame:
+    """`mean ± std` strings, one column per architecture, then the unseen mean."""
+    out = pd.DataFrame(index=table.index)
+    for arch in archs_in_order(table):
+        mean, std = table[("mean", arch)], table[("std", arch)]
+        pairs = zip(mean, std, strict=True)
+        out[arch] = [f"{m:.1f}{pm}{s:.1f}" if pd.notna(m) else "–" for m, s in pairs]
+    unseen = table[("mean", UNSEEN)]
+    out[UNSEEN] = [f"{u:.1f}" if pd.notna(u) else "–" for u in unseen]
+    return out.reset_index()
+
+
+def write_tables(table: pd.DataFrame, out_dir: Path, stem: str = "results") -> list[Path]:
+    """results.md, results.csv (numbers) and results.tex in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, csv, tex = (out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "tex"))
+    md.write_text(formatted(table).to_markdown(index=False) + "\n")
+    flat = table.copy()
+    flat.columns = [f"{arch}_{stat}" for stat, arch in flat.columns]
+    flat.reset_index().to_csv(csv, index=False)
+    tex.write_text(formatted(table, pm=" $\\pm$ ").to_latex(index=False, escape=False))
+    return [md, csv, tex]
+
+
+def plot_accuracy_over_steps(records: pd.DataFrame, path: Path) -> Path | None:
+    """Mean accuracy of each run's evaluated sets over distillation steps (one line per run and
+    architecture that has more than one evaluated step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if records.empty:
+        return None
+    curves = records.groupby(["run", "arch", "step"])["acc"].mean().reset_index()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (run, arch), part in curves.groupby(["run", "arch"]):
+        ax.plot(part["step"], 100 * part["acc"], marker="o", label=f"{Path(run).name} {arch}")
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(paths: list[Path], path: Path, tag: str = "loss/match") -> Path | None:
+    """The matching loss of every run over steps (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = 0
+    for run in run_dirs(paths):
+        points = [(r["step"], r["value"]) for r in read_jsonl(RunPaths(run).metrics_jsonl)
+                  if r.get("tag") == tag]  # fmt: skip
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, label=run.name)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_yscale("log")
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel(tag)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(paths: list[Path], out_dir: Path) -> list[Path]:
+    """Tables and plots of the runs under `paths` into `out_dir`; the files written."""
+    records = load_records(paths)
+    written = []
+    table = summary_table(records)
+    if not table.empty:
+        written += write_tables(table, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for made in (plot_accuracy_over_steps(records, out_dir / "accuracy_over_steps.png"),
+                 plot_losses(paths, out_dir / "loss.png")):  # fmt: skip
+        if made is not None:
+            written.append(made)
+    return written

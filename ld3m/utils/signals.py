@@ -1,0 +1,41 @@
+"""Graceful stop on SIGTERM / SIGUSR1: finish the current step, checkpoint, exit.
+
+Slurm sends SIGTERM at cancellation and at the time limit (KillWait seconds before SIGKILL);
+the sbatch templates in slurm/ send SIGUSR1 ahead of the limit (`--signal`). A loop polls
+`StopFlag.requested` once per iteration, so a signal never interrupts a step half way.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopFlag:
+    """Context manager: while active, the stop signals set `requested` instead of killing."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+        self.signals = signals
+        self.requested = False
+        self._previous: dict[signal.Signals, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        log.warning("received %s: stopping after this step", signal.Signals(signum).name)
+        self.requested = True
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():  # handlers: main thread only
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()

@@ -1,0 +1,159 @@
+"""Sweeps: stable expansion, the whole study through submitit's debug executor, status, tables,
+and the rendered sbatch templates (golden files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ld3m.cli import main
+from ld3m.errors import ConfigError
+from ld3m.hpc.status import format_status, sweep_status
+from ld3m.hpc.submit import Stage, plan, slurm_parameters, submit_sweep
+from ld3m.hpc.sweep import SlurmSpec, expand, load_sweep
+from tests.test_datasets import make_tree
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    """A 3-class 16 px image folder and budgets that finish in seconds."""
+    root = tmp_path / "data"
+    if not root.is_dir():
+        make_tree(root, n=8, size=(16, 16))
+    return [
+        "data.name=imagefolder", f"data.root={root}", "data.res=16",
+        f"data.cache_dir={tmp_path / 'cache'}", "run.progress=off", "run.threads=1",
+        "distill.space=pixel", "distill.ipc=1", "distill.iterations=2", "distill.batch_real=4",
+        "distill.arch=ConvNetD3", "distill.save_every=1", "distill.export_every=2",
+        "distill.image_every=2", "distill.mtt.syn_steps=2", "distill.mtt.expert_epochs=1",
+        "distill.mtt.max_start_epoch=1", "experts.num=2", "experts.epochs=2", "experts.batch=8",
+        "experts.arch=ConvNetD3", "eval.epochs=2", "eval.distill_arch=ConvNetD3",
+    ]  # fmt: skip
+
+
+def write_sweep(tmp_path: Path, **extra: object) -> Path:
+    spec = {
+        "name": "tiny",
+        "out_dir": str(tmp_path / "sweeps"),
+        "overrides": tiny_overrides(tmp_path),
+        "grid": {"distill.objective": ["dm", "mtt"]},
+        "baselines": [1],
+        "eval": {"archs": ["ConvNetD3", "ConvNetD4"], "seeds": [0]},
+        **extra,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_expansion_is_stable_and_names_runs_by_config(tmp_path: Path) -> None:
+    spec, where = load_sweep(write_sweep(tmp_path))
+    runs = expand(spec, where)
+    again = expand(spec, where)
+    assert [r.dir for r in runs] == [r.dir for r in again]
+    names = [r.name for r in runs]
+    assert names[0].startswith("objective-dm-") and names[1].startswith("objective-mtt-")
+    assert names[2].startswith("random-real_ipc-1-") and runs[2].kind == "baseline"
+    assert all(len(n.rsplit("-", 1)[1]) == 8 for n in names)  # config hash
+    assert runs[0].cfg.experts.dir == "" and "experts" in runs[1].cfg.experts.dir
+    assert runs[0].cfg.run.out_dir == str(runs[0].dir)
+    changed = load_sweep(write_sweep(tmp_path, overrides=[*spec.overrides, "distill.lr=3"]))
+    assert expand(*changed)[0].name != names[0]  # another config, another directory
+    stages = plan(spec, runs)
+    assert [s.name for s in stages] == ["experts", "distill", "baseline", "eval"]
+    assert len(stages[-1].tasks) == 3 * 2  # 3 final sets x 2 architectures x 1 seed
+
+
+def test_bad_sweep_files_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'slurm\.partion'"):
+        load_sweep(write_sweep(tmp_path, slurm={"partion": "gpu"}))
+    with pytest.raises(ConfigError, match=r"grid\.distill\.ipc must be a non-empty list"):
+        load_sweep(write_sweep(tmp_path, grid={"distill.ipc": 10}))
+    spec, where = load_sweep(write_sweep(tmp_path, grid={"distill.objectiv": ["dm"]}))
+    with pytest.raises(ConfigError, match="did you mean 'objective'"):
+        expand(spec, where)
+
+
+def test_slurm_parameters_per_stage() -> None:
+    slurm = SlurmSpec(partition="gpu", nodes=2, tasks_per_node=4, gpus_per_node=4, qos="high",
+                      time_min=240, eval_time_min=30)  # fmt: skip
+    distill = slurm_parameters(slurm, Stage("distill", [], distributed=True), "s")
+    assert (distill["nodes"], distill["tasks_per_node"], distill["gpus_per_node"]) == (2, 4, 4)
+    assert distill["slurm_partition"] == "gpu" and distill["slurm_qos"] == "high"
+    assert "slurm_account" not in distill and distill["timeout_min"] == 240
+    ev = slurm_parameters(slurm, Stage("eval", []), "s")
+    assert (ev["nodes"], ev["tasks_per_node"], ev["gpus_per_node"], ev["timeout_min"]) == (
+        1, 1, 1, 30)  # fmt: skip
+
+
+def test_debug_executor_runs_the_whole_study(tmp_path: Path, capsys) -> None:
+    root = submit_sweep(write_sweep(tmp_path), "debug")
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert set(manifest["tasks"]) == {"experts", "distill", "baseline", "eval"}
+    rows = sweep_status(root)
+    assert [r.state for r in rows] == ["done"] * 3
+    assert all(r.eval_n == 1 and 0 <= r.eval_acc <= 1 for r in rows)
+    assert rows[0].step == 2 and rows[0].iterations == 2 and rows[0].loss is not None
+    assert "done" in format_status(rows)
+    for run in manifest["runs"]:
+        lines = (Path(run["dir"]) / "eval.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert sorted(r["arch"] for r in records) == ["ConvNetD3", "ConvNetD4"]
+    # A second submission finds everything done: nothing is trained again.
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")}
+    submit_sweep(write_sweep(tmp_path), "debug")
+    assert before == {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")}
+    assert main(["status", str(root)]) == 0
+    assert main(["table", str(root)]) == 0
+    out = capsys.readouterr().out
+    for method in ("pixel_dm", "pixel_mtt", "random_real"):
+        assert method in out
+    assert (root / "report" / "results.csv").is_file()
+    assert (root / "report" / "results.tex").is_file()
+    assert (root / "report" / "loss.png").is_file()
+
+
+def normalise(text: str) -> str:
+    return text.replace(str(Path(sys.executable).parent), "{BIN}")
+
+
+@pytest.mark.parametrize(("template", "extra"), [
+    ("distill", ["slurm.partition=gpu", "slurm.nodes=2", "slurm.tasks_per_node=4",
+                 "slurm.gpus_per_node=4", "slurm.cpus_per_task=8", "slurm.mem_gb=200",
+                 "slurm.time_min=1440", "slurm.account=proj42"]),
+    ("experts", ["experts.dir=buffers/imagenette", "experts.num=100", "slurm.time_min=120",
+                 "slurm.array_parallelism=20", "slurm.gpus_per_node=1"]),
+    ("eval", ["slurm.qos=short", "slurm.eval_time_min=90", "eval.runs=2"]),
+])  # fmt: skip
+def test_rendered_sbatch_matches_golden(tmp_path: Path, monkeypatch, capsys, template: str,
+                                        extra: list[str]) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    args = ["render-sbatch", template, "--config", "ld3m_imagenet128_dm",
+            "run.out_dir=runs/imnet128-dm", *extra]  # fmt: skip
+    assert main(args) == 0
+    text = normalise(capsys.readouterr().out).replace(str(tmp_path), "{CWD}")
+    golden = GOLDEN / f"{template}.sbatch"
+    if os.environ.get("LD3M_UPDATE_GOLDEN"):  # regenerate, review the diff, commit
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert golden.is_file(), f"{golden} is missing; run with LD3M_UPDATE_GOLDEN=1 and review it"
+    assert text == golden.read_text()
+    assert (tmp_path / "runs" / "imnet128-dm" / "config.yaml").is_file()
+    assert (tmp_path / "runs" / "imnet128-dm" / "logs").is_dir()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "sweeps").glob("*.yaml")))
+def test_shipped_sweep_files_expand(path: Path) -> None:
+    spec, where = load_sweep(path)
+    runs = expand(spec, where)
+    points = 1
+    for values in spec.grid.values():
+        points *= len(values)
+    assert len(runs) == points + len(spec.baselines)
+    assert len({r.name for r in runs}) == len(runs)

@@ -90,10 +90,16 @@ class Tracker:
             self.writer.add_image(tag, image_grid(images01, nrow), step)
 
     def hparams(self, params: Mapping[str, Any]) -> None:
-        """Record the run's hyper-parameters (flat mapping of scalars/strings) as text."""
-        if self.writer is not None:
-            text = "\n".join(f"    {k}: {v}" for k, v in params.items())
-            self.writer.add_text("hparams", text, 0)
+        """Record the run's hyper-parameters (a flat mapping): as text, and in TensorBoard's
+        HPARAMS dashboard (values that are not numbers or strings are shown as strings), so the
+        runs of a sweep can be filtered and compared there."""
+        if self.writer is None:
+            return
+        text = "\n".join(f"    {k}: {v}" for k, v in params.items())
+        self.writer.add_text("hparams", text, 0)
+        clean = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                 for k, v in params.items()}  # fmt: skip
+        self.writer.add_hparams(clean, {}, run_name=".")
 
     def close(self) -> None:
         """Flush and close TensorBoard."""

@@ -130,7 +130,7 @@ def test_tracker_writes_tensorboard_and_jsonl(tmp_path: Path) -> None:
     tracker.scalar("loss/train", 0.5, 1)
     tracker.scalars({"loss/train": 0.25, "lr": 1e-3}, 2)
     tracker.images("samples", torch.rand(6, 1, 8, 8), 2, nrow=3)
-    tracker.hparams({"lr": 1e-3})
+    tracker.hparams({"lr": 1e-3, "archs": ("ConvNet", "ViT"), "name": "dm"})
     tracker.close()
     acc = EventAccumulator(str(RunPaths(tmp_path).tb), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
@@ -144,6 +144,14 @@ def test_tracker_writes_tensorboard_and_jsonl(tmp_path: Path) -> None:
         (2, "lr", 1e-3),
     ]
     assert all("time" in r for r in records)
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(RunPaths(tmp_path).tb), size_guidance={"tensors": 0})
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    assert info.hparams["lr"].number_value == 1e-3
+    assert info.hparams["archs"].string_value == "('ConvNet', 'ViT')"
 
 
 def test_tracker_resume_purges_lost_steps(tmp_path: Path) -> None:

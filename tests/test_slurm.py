@@ -9,6 +9,7 @@ signalled before its time limit that checkpoints, requeues itself and finishes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import pytest
 import submitit
+import torch
 
+from ld3m.artifacts import load_set
 from ld3m.checkpoint import CheckpointManager
 from ld3m.cli import main
 from ld3m.config.io import load_config, save_config
@@ -25,6 +28,7 @@ from ld3m.hpc.jobs import StageJob
 from ld3m.hpc.status import sweep_status
 from ld3m.hpc.submit import submit_sweep
 from ld3m.jsonl import read_jsonl
+from tests.test_parallel import free_port
 from tests.test_sweep import tiny_overrides, write_sweep
 
 
@@ -67,7 +71,7 @@ def slurm_sweep(tmp_path: Path) -> Path:
                                         "array_parallelism": 8})  # fmt: skip
 
 
-def test_sweep_runs_as_chained_arrays(tmp_path: Path) -> None:
+def test_sweep_runs_as_chained_arrays_and_tabulates(tmp_path: Path, capsys) -> None:
     start = time.time()
     root = submit_sweep(slurm_sweep(tmp_path), "slurm")
     assert time.time() - start < 60  # returns once queued
@@ -80,60 +84,103 @@ def test_sweep_runs_as_chained_arrays(tmp_path: Path) -> None:
     rows = sweep_status(root)
     assert [r.state for r in rows] == ["done"] * 3, rows
     assert all(r.eval_n == 1 for r in rows)
+    capsys.readouterr()
+    assert main(["table", str(root)]) == 0
+    table = capsys.readouterr().out
+    assert "ConvNetD3" in table and "pixel_mtt" in table and "random_real" in table
 
 
-def long_distill_config(tmp_path: Path, iterations: int, save_every: int) -> Path:
+def distill_config(tmp_path: Path, name: str, iterations: int, save_every: int) -> Path:
+    """A pixel-space DM run long enough to be interrupted, its config written to its run dir."""
+    run = tmp_path / name
     overrides = [
         *tiny_overrides(tmp_path), "distill.objective=dm", f"distill.iterations={iterations}",
         f"distill.save_every={save_every}", f"distill.export_every={iterations}",
-        f"run.out_dir={tmp_path / 'run'}", "distill.image_every=100000",
+        f"run.out_dir={run}", "distill.image_every=100000",
     ]  # fmt: skip
-    cfg = load_config(None, overrides)
-    path = tmp_path / "run" / "config.yaml"
-    save_config(cfg, path)
-    return path
+    save_config(load_config(None, overrides), run / "config.yaml")
+    return run / "config.yaml"
 
 
 def steps_logged(run: Path) -> list[int]:
     return [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["tag"] == "loss/match"]
 
 
-def test_preempted_submitit_job_requeues_and_resumes(tmp_path: Path) -> None:
-    config = long_distill_config(tmp_path, iterations=3000, save_every=100)
+def assert_same_set(a: Path, b: Path) -> None:
+    sa, sb = load_set(a), load_set(b)
+    assert torch.equal(sa.images, sb.images) and torch.equal(sa.labels, sb.labels)
+
+
+def first_checkpoint(run: Path) -> None:
+    ckpt = CheckpointManager(run / "ckpt")
+    wait_for(lambda: len(ckpt.complete(warn=False)) >= 1, 300, f"a first checkpoint in {run}")
+
+
+def test_preempted_two_task_submitit_job_resumes_to_the_same_set(tmp_path: Path) -> None:
+    iterations = 1500
+    config = distill_config(tmp_path, "preempted", iterations, save_every=50)
     ex = submitit.AutoExecutor(folder=tmp_path / "logs", cluster="slurm", slurm_max_num_timeout=3)
-    ex.update_parameters(timeout_min=15, cpus_per_task=1, mem_gb=2, name="ld3m-preempt")
+    ex.update_parameters(timeout_min=15, tasks_per_node=2, cpus_per_task=1, mem_gb=4,
+                         name="ld3m-preempt")  # fmt: skip
     job = ex.submit(StageJob(), "distill", str(config))
-    ckpt = CheckpointManager(tmp_path / "run" / "ckpt")
-    wait_for(lambda: len(ckpt.complete(warn=False)) >= 1, 300, "a first checkpoint")
-    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)  # as a preemption
-    result = job.result()
-    assert result.endswith("set_003000.safetensors")
-    stdout = job.stdout() or ""
-    assert "resumed from" in (stdout + (job.stderr() or "")), "the requeued job did not resume"
-    steps = steps_logged(tmp_path / "run")
-    assert steps == sorted(set(steps)) and steps[-1] == 3000  # no step logged twice
+    first_checkpoint(tmp_path / "preempted")
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)  # a preemption
+    results = job.results()
+    assert len(results) == 2  # two data-parallel tasks
+    log = (job.paths.stdout.read_text() if job.paths.stdout.exists() else "") + (
+        job.paths.stderr.read_text() if job.paths.stderr.exists() else "")  # fmt: skip
+    assert "resumed from" in log, log[-3000:]
+    steps = steps_logged(tmp_path / "preempted")
+    assert steps == sorted(set(steps)) and steps[-1] == iterations  # none logged twice
+
+    # The same 2-rank run without interruption (torchrun) ends with the same set.
+    reference = distill_config(tmp_path, "uninterrupted", iterations, save_every=50)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(free_port()), "-m", "ld3m", "distill", "--config",
+                    str(reference)], check=True, env=env, capture_output=True)  # fmt: skip
+    name = f"set_{iterations:06d}.safetensors"
+    assert_same_set(Path(results[0]), tmp_path / "uninterrupted" / "artifacts" / name)
 
 
-def test_rendered_sbatch_checkpoints_requeues_and_finishes(tmp_path: Path, capsys) -> None:
-    config = long_distill_config(tmp_path, iterations=2500, save_every=100)
+def test_requeued_sbatch_job_resumes_to_the_same_set(tmp_path: Path) -> None:
+    iterations = 2500
+    config = distill_config(tmp_path, "requeued", iterations, save_every=100)
     script = tmp_path / "distill.sbatch"
     args = ["render-sbatch", "distill", "--config", str(config), "-o", str(script),
-            "slurm.tasks_per_node=2", "slurm.cpus_per_task=1", "slurm.mem_gb=4",
-            "slurm.time_min=15", "slurm.signal_delay_s=60"]  # fmt: skip
+            "slurm.cpus_per_task=1", "slurm.mem_gb=4", "slurm.time_min=15"]  # fmt: skip
     assert main(args) == 0
     submitted = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True,
                                text=True, check=True, cwd=tmp_path)  # fmt: skip
     job = submitted.stdout.strip().split(";")[0]
-    ckpt = CheckpointManager(tmp_path / "run" / "ckpt")
-    wait_for(lambda: len(ckpt.complete(warn=False)) >= 1, 300, "a first checkpoint")
-    # What Slurm does `signal_delay_s` before the time limit (--signal=B:USR1@...):
+    first_checkpoint(tmp_path / "requeued")
+    subprocess.run(["scontrol", "requeue", job], check=True)  # SIGTERM now, run again later
+    wait_until_gone([job])
+    log = next((tmp_path / "requeued" / "logs").glob("*.out")).read_text()
+    assert "restart 1" in log and "resumed from" in log, log[-3000:]
+    steps = steps_logged(tmp_path / "requeued")
+    assert steps == sorted(set(steps)) and steps[-1] == iterations
+
+    reference = distill_config(tmp_path, "uninterrupted", iterations, save_every=100)
+    assert main(["distill", "--config", str(reference)]) == 0
+    name = f"set_{iterations:06d}.safetensors"
+    assert_same_set(tmp_path / "requeued" / "artifacts" / name,
+                    tmp_path / "uninterrupted" / "artifacts" / name)  # fmt: skip
+
+
+def test_sbatch_time_limit_signal_checkpoints_and_requeues(tmp_path: Path) -> None:
+    config = distill_config(tmp_path, "limit", 2500, save_every=100)
+    script = tmp_path / "distill.sbatch"
+    args = ["render-sbatch", "distill", "--config", str(config), "-o", str(script),
+            "slurm.cpus_per_task=1", "slurm.mem_gb=4", "slurm.time_min=15"]  # fmt: skip
+    assert main(args) == 0
+    job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
+                         check=True, cwd=tmp_path).stdout.strip().split(";")[0]  # fmt: skip
+    first_checkpoint(tmp_path / "limit")
+    # What Slurm sends signal_delay_s before the time limit (--signal=B:USR1@...):
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
     wait_until_gone([job])
-    log = next((tmp_path / "run" / "logs").glob("*.out")).read_text()
-    assert "checkpoint and requeue" in log, log[-3000:]
-    assert log.count("restart") >= 2, log[-3000:]  # the job ran again after the requeue
-    assert "resumed from" in log, log[-3000:]
-    assert (tmp_path / "run" / "artifacts" / "set_002500.safetensors").is_file(), log[-3000:]
-    steps = steps_logged(tmp_path / "run")
-    assert steps == sorted(set(steps)) and steps[-1] == 2500
-    assert sys.executable in script.read_text()
+    log = next((tmp_path / "limit" / "logs").glob("*.out")).read_text()
+    assert "checkpoint and requeue" in log and "stopped by a signal" in log, log[-3000:]
+    assert "restart 1" in log and "resumed from" in log, log[-3000:]
+    assert (tmp_path / "limit" / "artifacts" / "set_002500.safetensors").is_file()

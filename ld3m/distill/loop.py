@@ -370,7 +370,8 @@ def run_distillation(cfg: Config, resume: bool = True) -> Path:
     start = distiller.checkpoints.complete(warn=False)
     purge = start[-1][0] if start and resume else None
     tracker = make_tracker(paths.root, par.is_main, purge_step=purge)
-    tracker.hparams(flat_config(cfg, ("data", "distill", "generator", "prior", "experts")))
+    sections = ("data", "distill", "generator", "prior", "experts")
+    tracker.hparams(flat_config(cfg, sections))
     try:
         with StopFlag() as stop:
             return distiller.run(tracker, resume=resume, stop=stop)

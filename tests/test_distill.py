@@ -167,6 +167,19 @@ def test_run_writes_exports_metrics_and_tensorboard(tmp_path: Path) -> None:
     assert any((root / "tb").iterdir())
 
 
+def test_quick_eval_logs_accuracy_of_each_export(tmp_path: Path) -> None:
+    data = toy_data()
+    cfg = make_cfg(tmp_path, "distill.objective=dm", "distill.space=pixel",
+                   "distill.quick_eval_epochs=2", "eval.distill_arch=ConvNetD3")  # fmt: skip
+    tracker = Tracker(Path(cfg.run.out_dir))
+    build(cfg, data).run(tracker)
+    tracker.close()
+    lines = (Path(cfg.run.out_dir) / "metrics.jsonl").read_text().splitlines()
+    quick = [json.loads(x) for x in lines if '"eval/quick_acc"' in x]
+    assert [r["step"] for r in quick] == [2, 4]  # one per export (export_every=2)
+    assert all(0.0 <= r["value"] <= 1.0 for r in quick)
+
+
 def test_loop_draws_nothing_from_global_rng(tmp_path: Path) -> None:
     data = toy_data()
     d = build(make_cfg(tmp_path, "distill.objective=dc", "distill.space=pixel"), data)

@@ -210,6 +210,10 @@ class DistillConfig:
     """Write a synthetic-set file every this many iterations (and at the end)."""
     image_every: int = 50
     """TensorBoard image grid every this many iterations."""
+    quick_eval_epochs: int = 0
+    """At every export, train one `eval.distill_arch` network for this many epochs on the set
+    (eval's protocol otherwise) and log its test accuracy as `eval/quick_acc`; 0 = off. A quick
+    look during a run: the reported numbers come from `ld3m eval`."""
 
 
 @dataclass(frozen=True)

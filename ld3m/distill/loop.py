@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ld3m.artifacts import SetMeta, save_set
+from ld3m.artifacts import SetMeta, load_set, save_set
 from ld3m.artifacts import SyntheticSet as SetFile
 from ld3m.checkpoint import CheckpointManager
 from ld3m.config.schema import Config
@@ -325,14 +325,35 @@ class Distiller:
             if step % d.save_every == 0:
                 self.save()
             if main and step % d.export_every == 0:
-                self.export()
+                self.quick_eval(tracker, self.export())
         done = self.checkpoints.complete(warn=False) if main else []
         if self.par.broadcast_object(not done or done[-1][0] != self.state.step):
             self.save()
         final = self.paths.artifact(f"set_{self.state.step:06d}")
         if main and not final.is_file():  # a rerun of a finished run rewrites nothing
-            self.export()
+            self.quick_eval(tracker, self.export())
         return final
+
+    def quick_eval(self, tracker: Tracker, set_path: Path) -> float | None:
+        """Test accuracy of one short-trained `eval.distill_arch` network on an exported set
+        (distill.quick_eval_epochs > 0), logged as `eval/quick_acc`."""
+        from dataclasses import replace
+
+        from ld3m.evaluate.train_eval import TrainData, resolve_lr, train_and_test
+
+        epochs = self.cfg.distill.quick_eval_epochs
+        if epochs <= 0:
+            return None
+        ecfg = replace(self.cfg.eval, epochs=epochs)
+        synset = load_set(set_path)
+        test_images, test_labels = self.data.test_tensors()
+        tensors = TrainData(synset.images, synset.labels, test_images, test_labels,
+                            self.data.info.num_classes)  # fmt: skip
+        arch = ecfg.distill_arch
+        result = train_and_test(arch, tensors, ecfg, resolve_lr(ecfg, arch, synset.lr), 0, "off")
+        tracker.scalar("eval/quick_acc", result.acc, self.state.step)
+        log.info("step %d: quick eval %s %.2f%%", self.state.step, arch, 100 * result.acc)
+        return result.acc
 
     def grid_images(self) -> torch.Tensor:
         """Current images in [0, 1] for a TensorBoard grid."""

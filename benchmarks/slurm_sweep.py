@@ -21,18 +21,19 @@ from ld3m.cli import main as ld3m_main
 from ld3m.hpc.status import sweep_status
 from ld3m.hpc.submit import submit_sweep
 
+OVERRIDES = [
+    "data.name=mnist5k", "distill.space=pixel", "distill.objective=dm", "distill.ipc=1",
+    "distill.iterations=20", "distill.batch_real=64", "distill.save_every=10",
+    "distill.export_every=20", "distill.image_every=20", "eval.epochs=20", "eval.schedule=step",
+    "eval.lr=0.01", "eval.ema_decay=null", "run.threads=1", "run.progress=off",
+]  # fmt: skip
+
 
 def sweep_file(out: Path, runs: int) -> Path:
     spec = {
         "name": "sweep50",
         "out_dir": str(out),
-        "overrides": [
-            "data.name=mnist5k", "distill.space=pixel", "distill.objective=dm", "distill.ipc=1",
-            "distill.iterations=20", "distill.batch_real=64", "distill.save_every=10",
-            "distill.export_every=20", "distill.image_every=20", "eval.epochs=20",
-            "eval.schedule=step", "eval.lr=0.01", "eval.ema_decay=null", "run.threads=1",
-            "run.progress=off",
-        ],  # fmt: skip
+        "overrides": OVERRIDES,
         "grid": {"distill.seed": list(range(runs))},
         "eval": {"archs": ["ConvNet"], "seeds": [0]},
         "slurm": {"time_min": 20, "cpus_per_task": 1, "mem_gb": 2, "array_parallelism": 50},

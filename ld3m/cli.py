@@ -8,11 +8,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
 from ld3m.config.io import load_config, save_config
 from ld3m.config.schema import Config
 from ld3m.errors import Ld3mError
+from ld3m.utils.threads import configure_threads
 
 log = logging.getLogger("ld3m")
 
@@ -20,8 +19,7 @@ log = logging.getLogger("ld3m")
 def build_config(args: argparse.Namespace) -> Config:
     """Config from --config (a path or a preset name) and the positional overrides."""
     cfg = load_config(args.config, args.overrides)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    configure_threads(cfg.run.threads)
     return cfg
 
 

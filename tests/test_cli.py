@@ -49,3 +49,21 @@ def test_baseline_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "ConvNet" in out and "records:" in out
     record = json.loads((run / "eval.jsonl").read_text().splitlines()[0])
     assert record["arch"] == "ConvNet" and record["epochs"] == 2 and record["ipc"] == 2
+
+
+def test_threads_follow_config_then_launcher_then_slurm(monkeypatch) -> None:
+    import torch
+
+    from ld3m.utils.threads import configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+        assert configure_threads(0) == 3
+        assert configure_threads(2) == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        assert configure_threads(0) == 1  # the launcher's choice stays
+    finally:
+        torch.set_num_threads(before)

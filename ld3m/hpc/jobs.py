@@ -17,22 +17,30 @@ import submitit
 from ld3m.config.io import load_config
 from ld3m.config.schema import Config
 from ld3m.paths import RunPaths
+from ld3m.utils.threads import configure_threads
 
 log = logging.getLogger(__name__)
+
+
+def job_config(path: str) -> Config:
+    """The run's config, with torch's threads set for this job (run.threads or Slurm's)."""
+    cfg = load_config(path)
+    configure_threads(cfg.run.threads)
+    return cfg
 
 
 def experts_stage(config: str, shard: int, shards: int) -> str:
     """Train shard `shard` of `shards` of the config's expert buffer (skipped when complete)."""
     from ld3m.experts.train import run_expert_shard
 
-    return str(run_expert_shard(load_config(config), shard, shards)[0])
+    return str(run_expert_shard(job_config(config), shard, shards)[0])
 
 
 def distill_stage(config: str) -> str:
     """Distil (resuming from the run directory's newest checkpoint); the final set's path."""
     from ld3m.distill.loop import run_distillation
 
-    return str(run_distillation(load_config(config), resume=True))
+    return str(run_distillation(job_config(config), resume=True))
 
 
 def baseline_stage(config: str) -> str:
@@ -41,7 +49,7 @@ def baseline_stage(config: str) -> str:
     from ld3m.baseline import random_real_set
     from ld3m.data.datasets import load_dataset
 
-    cfg = load_config(config)
+    cfg = job_config(config)
     path = baseline_path(cfg)
     if path.is_file():
         return str(path)
@@ -66,7 +74,7 @@ def eval_stage(config: str, kind: str, arch: str, seed: int) -> dict[str, Any]:
 
     from ld3m.evaluate.harness import evaluate_set
 
-    cfg = load_config(config)
+    cfg = job_config(config)
     ecfg = replace(cfg.eval, archs=(arch,), seed=seed, runs=1)
     set_path = final_set(cfg, kind)
     out = RunPaths(Path(cfg.run.out_dir)).eval_jsonl

@@ -34,7 +34,7 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     paths = RunPaths(Path(cfg.run.out_dir))
     save_config(cfg, paths.config)
     synset = random_real_set(load_dataset(cfg.data), cfg.baseline.ipc, cfg.baseline.seed)
-    out = save_set(paths.artifact(f"random_real_ipc{cfg.baseline.ipc}"), synset)
+    out = save_set(paths.baseline_set(cfg.baseline.ipc), synset)
     print(out)
 
 
@@ -59,7 +59,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     cmd_baseline(args)
     from ld3m.paths import RunPaths
 
-    args.set = str(RunPaths(Path(cfg.run.out_dir)).artifact(f"random_real_ipc{cfg.baseline.ipc}"))
+    args.set = str(RunPaths(Path(cfg.run.out_dir)).baseline_set(cfg.baseline.ipc))
     args.out = None
     cmd_eval(args)
 

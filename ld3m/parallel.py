@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import subprocess
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,10 +246,3 @@ class SyncedOptimizer:
                 "it was written with"
             )
         self.engine.load_checkpoint(str(folder), tag="zero", load_module_strict=True)
-
-
-def run_collective(par: Parallel, fn: Callable[[], Any]) -> Any:
-    """Run `fn` on rank 0 only, then let every rank continue (barrier)."""
-    out = fn() if par.is_main else None
-    par.barrier()
-    return out

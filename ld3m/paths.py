@@ -48,6 +48,14 @@ class RunPaths:
         """The final sample grid of `ld3m prior train` (one row per class)."""
         return self.root / "samples.png"
 
+    def distilled_set(self, step: int) -> Path:
+        """The synthetic set a distillation exported at `step`."""
+        return self.artifact(f"set_{step:06d}")
+
+    def baseline_set(self, ipc: int) -> Path:
+        """The random-real baseline set of `ipc` images per class."""
+        return self.artifact(f"random_real_ipc{ipc}")
+
     def artifact(self, name: str) -> Path:
         """A synthetic-set file in artifacts/."""
         return self.artifacts / f"{name}.safetensors"

@@ -289,7 +289,7 @@ class Distiller:
             extra={"noise_seed": seed, "skip": self.cfg.generator.skip,
                    "steps": self.cfg.generator.steps, "run": str(self.paths.root)},
         )  # fmt: skip
-        path = self.paths.artifact(f"set_{self.state.step:06d}")
+        path = self.paths.distilled_set(self.state.step)
         save_set(path, SetFile(images, self.synset.labels.detach(), meta, lr, latents))
         return path
 
@@ -329,7 +329,7 @@ class Distiller:
         done = self.checkpoints.complete(warn=False) if main else []
         if self.par.broadcast_object(not done or done[-1][0] != self.state.step):
             self.save()
-        final = self.paths.artifact(f"set_{self.state.step:06d}")
+        final = self.paths.distilled_set(self.state.step)
         if main and not final.is_file():  # a rerun of a finished run rewrites nothing
             self.quick_eval(tracker, self.export())
         return final

@@ -58,14 +58,14 @@ def baseline_stage(config: str) -> str:
 
 
 def baseline_path(cfg: Config) -> Path:
-    return RunPaths(Path(cfg.run.out_dir)).artifact(f"random_real_ipc{cfg.baseline.ipc}")
+    return RunPaths(Path(cfg.run.out_dir)).baseline_set(cfg.baseline.ipc)
 
 
 def final_set(cfg: Config, kind: str) -> Path:
     """The synthetic set a finished run leaves for evaluation."""
     if kind == "baseline":
         return baseline_path(cfg)
-    return RunPaths(Path(cfg.run.out_dir)).artifact(f"set_{cfg.distill.iterations:06d}")
+    return RunPaths(Path(cfg.run.out_dir)).distilled_set(cfg.distill.iterations)
 
 
 def eval_stage(config: str, kind: str, arch: str, seed: int) -> dict[str, Any]:

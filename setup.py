@@ -9,7 +9,7 @@ setup(
     "distillation, cross-architecture evaluation",
     python_requires=">=3.11",
     packages=find_packages(include=["ld3m", "ld3m.*"]),
-    package_data={"ld3m": ["presets/*.yaml"]},
+    package_data={"ld3m": ["presets/*.yaml", "presets/sweeps/*.yaml"]},
     install_requires=[
         "torch==2.13.0",  # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
         "numpy",

@@ -52,16 +52,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
-    """Offline default: random-real MNIST-5k set, evaluated across architectures."""
-    args.config = args.config or "quickstart"
-    cfg = build_config(args)
-    print(f"[quickstart] random-real {cfg.data.name} IPC {cfg.baseline.ipc} -> {cfg.run.out_dir}")
-    cmd_baseline(args)
-    from ld3m.paths import RunPaths
+    """Offline default study: the shipped `quickstart` sweep on MNIST-5k, then its table."""
+    from ld3m.hpc.study import run_study
 
-    args.set = str(RunPaths(Path(cfg.run.out_dir)).baseline_set(cfg.baseline.ipc))
-    args.out = None
-    cmd_eval(args)
+    print(run_study("quickstart", args.executor, args.overrides))
 
 
 def cmd_experts(args: argparse.Namespace) -> None:
@@ -96,7 +90,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     """Expand a sweep file and submit its stages (experts -> distill -> eval)."""
     from ld3m.hpc.submit import submit_sweep
 
-    root = submit_sweep(args.sweep, args.executor)
+    root = submit_sweep(args.sweep, args.executor, args.overrides, wait=args.wait)
     print(root)
 
 
@@ -155,14 +149,26 @@ def add_table_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sweep", help="sweep YAML file (see sweeps/)")
+    p.add_argument("sweep", help="sweep YAML file (see sweeps/) or a shipped sweep's name")
+    add_executor_argument(p, default="slurm")
+    p.add_argument("--wait", action="store_true", help="slurm: return when every job ended")
+    p.add_argument("overrides", nargs="*", help="dotted overrides added to every run")
+
+
+def add_executor_argument(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--executor",
-        default="slurm",
-        choices=["slurm", "local", "debug"],
-        help="slurm: queue job arrays and return; local: run here as processes, stage by "
-        "stage; debug: run in this process",
+        default=default,
+        choices=["auto", "slurm", "local", "debug"][0 if default == "auto" else 1 :],
+        help="slurm: queue job arrays; local: run here in worker processes, stage by stage; "
+        "debug: run in this process"
+        + ("; auto: slurm when sbatch works, else local" if default == "auto" else ""),
     )
+
+
+def add_quickstart_arguments(p: argparse.ArgumentParser) -> None:
+    add_executor_argument(p, default="auto")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.epochs=50")
 
 
 def add_status_arguments(p: argparse.ArgumentParser) -> None:
@@ -226,7 +232,11 @@ COMMANDS: dict[str, Command] = {
     "eval": (cmd_eval, add_eval_arguments, "evaluate a synthetic set across architectures"),
     "experts": (cmd_experts, add_experts_arguments, "train expert trajectories (or one shard)"),
     "distill": (cmd_distill, add_distill_arguments, "distil a synthetic set (resumable)"),
-    "quickstart": (cmd_quickstart, add_config_arguments, "offline demo on MNIST-5k"),
+    "quickstart": (
+        cmd_quickstart,
+        add_quickstart_arguments,
+        "the offline default study on MNIST-5k, end to end",
+    ),
     "sweep": (cmd_sweep, add_sweep_arguments, "submit a sweep: experts -> distill -> eval arrays"),
     "status": (cmd_status, add_status_arguments, "one line per run of a sweep"),
     "render-sbatch": (cmd_render_sbatch, add_render_arguments, "fill a slurm/ sbatch template"),

@@ -192,3 +192,16 @@ def test_default_learning_rates_cover_every_objective() -> None:
     for space in ("latent", "pixel"):
         for objective in ("dc", "dm", "mtt"):
             assert loop.DEFAULT_LR[(space, objective)] > 0
+
+
+def test_method_names_tell_spaces_objectives_and_ablations_apart() -> None:
+    from ld3m.config.io import load_config
+    from ld3m.distill.loop import method_name
+
+    def name(*overrides: str) -> str:
+        return method_name(load_config(None, list(overrides)))
+
+    assert name("distill.space=pixel", "distill.objective=mtt") == "pixel_mtt"
+    assert name("distill.space=latent", "distill.objective=dc") == "ld3m_dc"
+    assert name("distill.objective=dm", "generator.skip=autoencoder") == "ld3m_dm_autoencoder"
+    assert name("distill.space=pixel", "generator.skip=none") == "pixel_dm"

@@ -12,11 +12,18 @@ import torch
 
 from ld3m.artifacts import SetMeta, SyntheticSet, load_set, save_set
 from ld3m.baseline import random_real_set
+from ld3m.config.io import load_config
 from ld3m.config.schema import DataConfig, EvalConfig
 from ld3m.data.datasets import load_dataset
-from ld3m.errors import CheckpointError, DataError
+from ld3m.errors import CheckpointError, ConfigError, DataError
 from ld3m.evaluate import harness
-from ld3m.evaluate.harness import evaluate_set, format_summary, summarize, unseen_mean
+from ld3m.evaluate.harness import (
+    evaluate_set,
+    format_summary,
+    protocol_key,
+    summarize,
+    unseen_mean,
+)
 from ld3m.evaluate.train_eval import TrainData, make_scheduler, resolve_lr, train_and_test
 
 
@@ -59,6 +66,15 @@ def test_learning_rate_table_and_schedules() -> None:
     assert resolve_lr(cfg, "ResNet18", 0.05) == 1e-3
     assert resolve_lr(dataclasses.replace(cfg, learned_lr=True), "ResNet18", 0.05) == 0.05
     assert resolve_lr(dataclasses.replace(cfg, lr=0.01), "VGG11", None) == 0.01
+    per_arch = load_config(None, ["eval.lr=0.01", "eval.arch_lr={VGG11: 1.0e-4, AlexNet: 0.1}"])
+    assert per_arch.eval.arch_lr == {"VGG11": 1e-4, "AlexNet": 0.1}
+    assert [resolve_lr(per_arch.eval, a, None) for a in ("VGG11", "AlexNet", "ViT")] == [
+        1e-4, 0.1, 0.01]  # fmt: skip
+    assert protocol_key(per_arch.eval) != protocol_key(dataclasses.replace(per_arch.eval,
+                                                                           arch_lr={}))  # fmt: skip
+    assert protocol_key(cfg) == "8828103847d2"  # unchanged by adding arch_lr (records stay valid)
+    with pytest.raises(ConfigError, match=r"arch_lr\.VGG11"):
+        load_config(None, ["eval.arch_lr={VGG11: fast}"])
 
     def lrs(schedule: str) -> list[float]:
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)

@@ -187,3 +187,17 @@ def test_convnet_double_backward() -> None:
     second = torch.autograd.grad(grad_norm, list(params.values()))
     assert all(torch.isfinite(g).all() for g in second)
     assert sum(g.abs().sum() for g in second) > 0
+
+
+@pytest.mark.parametrize(("channels", "res"), [(1, 16), (3, 28), (3, 32), (1, 28)])
+def test_vgg11_never_instance_normalises_a_single_pixel(channels: int, res: int) -> None:
+    """A 1 px map through instance norm is a constant: VGG11 at 16 px used to stay at chance."""
+    net = build_network("VGG11", channels, 10, res)
+    sizes: list[int] = []
+    for layer in net.modules():
+        if isinstance(layer, torch.nn.GroupNorm):
+            layer.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[-1]))
+    x = torch.randn(2, channels, res, res, requires_grad=True)
+    net(x).sum().backward()
+    assert min(sizes) >= 2
+    assert x.grad is not None and x.grad.abs().sum() > 0

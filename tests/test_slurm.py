@@ -88,6 +88,13 @@ def test_sweep_runs_as_chained_arrays_and_tabulates(tmp_path: Path, capsys) -> N
     assert main(["table", str(root)]) == 0
     table = capsys.readouterr().out
     assert "ConvNetD3" in table and "pixel_mtt" in table and "random_real" in table
+    # Submitted again with --wait: returns only when its (quick, everything is done) jobs ended.
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")}
+    assert main(["sweep", str(slurm_sweep(tmp_path)), "--executor", "slurm", "--wait"]) == 0
+    manifest = json.loads((root / "manifest.json").read_text())
+    again = [job.split("_")[0] for tasks in manifest["tasks"].values() for _, job in tasks]
+    assert set(again).isdisjoint(i.split("_")[0] for i in ids) and not queued(again)
+    assert before == {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")}
 
 
 def distill_config(tmp_path: Path, name: str, iterations: int, save_every: int) -> Path:

@@ -12,10 +12,12 @@ import pytest
 import yaml
 
 from ld3m.cli import main
+from ld3m.config.io import presets_dir
 from ld3m.errors import ConfigError
+from ld3m.hpc import jobs
 from ld3m.hpc.status import format_status, sweep_status
 from ld3m.hpc.submit import Stage, plan, slurm_parameters, submit_sweep
-from ld3m.hpc.sweep import SlurmSpec, expand, load_sweep
+from ld3m.hpc.sweep import SlurmSpec, expand, grids, load_sweep
 from tests.test_datasets import make_tree
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -148,12 +150,77 @@ def test_rendered_sbatch_matches_golden(tmp_path: Path, monkeypatch, capsys, tem
     assert (tmp_path / "runs" / "imnet128-dm" / "logs").is_dir()
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "sweeps").glob("*.yaml")))
+SHIPPED = [*(Path(__file__).parents[1] / "sweeps").glob("*.yaml"),
+           *(presets_dir() / "sweeps").glob("*.yaml")]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", sorted(SHIPPED), ids=lambda p: p.name)
 def test_shipped_sweep_files_expand(path: Path) -> None:
     spec, where = load_sweep(path)
     runs = expand(spec, where)
-    points = 1
-    for values in spec.grid.values():
-        points *= len(values)
+    points = 0
+    for grid in grids(spec):
+        combos = 1
+        for values in grid.values():
+            combos *= len(values)
+        points += combos
     assert len(runs) == points + len(spec.baselines)
     assert len({r.name for r in runs}) == len(runs)
+
+
+def test_queue_workers_share_tasks_and_resume_their_claims(tmp_path: Path, monkeypatch) -> None:
+    ran: list[tuple[int, str]] = []
+    monkeypatch.setitem(jobs.STAGES, "note", lambda worker, text: ran.append((worker, text)))
+    queue = tmp_path / "queue"
+    tasks = [("note", 0, "a"), ("note", 0, "b"), ("note", 0, "c")]
+    (queue / "claimed").mkdir(parents=True)
+    (queue / "claimed" / "1").write_text("1")  # worker 1 holds task 1 (e.g. was preempted)
+    assert jobs.queue_worker(str(queue), 0, tasks) == 2
+    assert [text for _, text in ran] == ["a", "c"]
+    assert sorted(p.name for p in (queue / "done").iterdir()) == ["0", "2"]
+    # Worker 1, requeued, finishes its own claim; nothing is left for anyone after that.
+    assert jobs.queue_worker(str(queue), 1, tasks) == 1
+    assert ran[-1][1] == "b"
+    assert jobs.queue_worker(str(queue), 0, tasks) == 0
+
+
+def test_train_prior_sweep_gives_latent_runs_one_shared_prior(tmp_path: Path) -> None:
+    spec, where = load_sweep(write_sweep(tmp_path, train_prior=True,
+                                         grid={"distill.space": ["latent", "pixel"],
+                                               "distill.objective": ["dm", "mtt"]}))  # fmt: skip
+    runs = expand(spec, where)
+    latent = [r for r in runs if r.kind == "distill" and r.cfg.distill.space == "latent"]
+    others = [r for r in runs if r not in latent]
+    assert len(latent) == 2 and all(r.trains_prior for r in latent)
+    assert len({r.cfg.prior.path for r in latent}) == 1
+    prior = Path(latent[0].cfg.prior.path)
+    assert prior.name == "prior" and prior.parent.parent == Path(spec.out_dir) / "tiny" / "priors"
+    assert not any(r.trains_prior or r.cfg.prior.path for r in others)
+    stages = {s.name: s.tasks for s in plan(spec, runs)}
+    assert next(iter(stages)) == "prior" and len(stages["prior"]) == 1
+    # Without train_prior, or with a prior.path given, nothing is trained.
+    spec, where = load_sweep(write_sweep(tmp_path, grid={"distill.space": ["latent"]}))
+    assert "prior" not in {s.name for s in plan(spec, expand(spec, where))}
+    given = [*tiny_overrides(tmp_path), "prior.path=/priors/mine"]
+    spec, where = load_sweep(write_sweep(tmp_path, train_prior=True, overrides=given,
+                                         grid={"distill.space": ["latent"]}))  # fmt: skip
+    runs = expand(spec, where)
+    assert "prior" not in {s.name for s in plan(spec, runs)}
+    assert runs[0].cfg.prior.path == "/priors/mine"
+
+
+def test_unknown_shipped_sweep_lists_the_shipped_ones() -> None:
+    with pytest.raises(ConfigError, match="quickstart"):
+        load_sweep("no-such-sweep")
+
+
+def test_a_list_of_grids_joins_their_runs(tmp_path: Path) -> None:
+    grid = [{"distill.objective": ["dm", "mtt"]},
+            {"distill.objective": ["dm"], "distill.space": ["latent"]}]  # fmt: skip
+    spec, where = load_sweep(write_sweep(tmp_path, grid=grid, baselines=[]))
+    names = [r.name.rsplit("-", 1)[0] for r in expand(spec, where)]
+    assert names == ["objective-dm", "objective-mtt", "objective-dm_space-latent"]
+    duplicate = [{"distill.objective": ["dm"]}, {"distill.objective": ["dm"]}]
+    spec, where = load_sweep(write_sweep(tmp_path, grid=duplicate))
+    with pytest.raises(ConfigError, match="same config"):
+        expand(spec, where)

@@ -205,7 +205,9 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(type_message(key, value, hint, source))
-        return dict(value)
+        kt, vt = args or (Any, Any)
+        return {coerce(k, kt, key, source): coerce(v, vt, f"{key}.{k}", source)
+                for k, v in value.items()}  # fmt: skip
     return coerce_scalar(value, hint, key, source)
 
 

@@ -48,6 +48,8 @@ class EvalConfig:
     """Test-time batch size (no effect on results)."""
     lr: float | None = None
     """Learning rate; None takes LD3M's per-architecture table (1e-3, VGG11 1e-4)."""
+    arch_lr: dict[str, float] = field(default_factory=dict)
+    """Per-architecture learning rates ahead of `lr`, e.g. {VGG11: 1.0e-4}."""
     learned_lr: bool = False
     """Use the synthetic set's learned step size (MTT protocol) when it carries one."""
     schedule: Literal["warmup_cosine", "step"] = "warmup_cosine"

@@ -284,7 +284,7 @@ class Distiller:
         meta = SetMeta(
             dataset=info.name, num_classes=info.num_classes, channels=info.channels,
             res=info.res, mean=tuple(info.mean), std=tuple(info.std), ipc=d.ipc,
-            method=f"{'ld3m' if d.space == 'latent' else 'pixel'}_{d.objective}",
+            method=method_name(self.cfg),
             class_names=tuple(info.class_names), distill_arch=d.arch, step=self.state.step,
             extra={"noise_seed": seed, "skip": self.cfg.generator.skip,
                    "steps": self.cfg.generator.steps, "run": str(self.paths.root)},
@@ -398,6 +398,16 @@ def run_distillation(cfg: Config, resume: bool = True) -> Path:
             return distiller.run(tracker, resume=resume, stop=stop)
     finally:
         tracker.close()
+
+
+def method_name(cfg: Config) -> str:
+    """The method label of a run's sets and table rows: `pixel_dm`, `ld3m_dm`, and for LD3M
+    with another skip mode than the released one `ld3m_dm_<skip>` (e.g. the autoencoder-only
+    ablation `ld3m_dm_autoencoder`)."""
+    d, skip = cfg.distill, cfg.generator.skip
+    if d.space == "pixel":
+        return f"pixel_{d.objective}"
+    return f"ld3m_{d.objective}" + ("" if skip == "released" else f"_{skip}")
 
 
 def flat_config(cfg: Config, sections: tuple[str, ...]) -> dict[str, object]:

@@ -30,6 +30,7 @@ PROTOCOL_FIELDS = (
     "epochs",
     "batch_train",
     "lr",
+    "arch_lr",
     "learned_lr",
     "schedule",
     "momentum",
@@ -63,6 +64,8 @@ def file_digest(path: Path) -> str:
 def protocol_key(cfg: EvalConfig) -> str:
     """Short hash of the result-changing evaluation settings."""
     fields = {k: v for k, v in to_dict(cfg).items() if k in PROTOCOL_FIELDS}
+    if not fields["arch_lr"]:
+        del fields["arch_lr"]  # keys of records written before arch_lr existed stay valid
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -64,9 +64,12 @@ class RunResult:
 
 
 def resolve_lr(cfg: EvalConfig, arch: str, learned_lr: float | None) -> float:
-    """The learning rate for `arch`: learned (if asked and present), configured, or LD3M's table."""
+    """The learning rate for `arch`: learned (if asked and present), configured for the
+    architecture, configured, or LD3M's table."""
     if cfg.learned_lr and learned_lr is not None:
         return float(learned_lr)
+    if arch in cfg.arch_lr:
+        return cfg.arch_lr[arch]
     if cfg.lr is not None:
         return cfg.lr
     return LD3M_LR.get(arch, LD3M_DEFAULT_LR)

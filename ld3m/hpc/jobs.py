@@ -9,10 +9,12 @@ checkpoint on disk. Every stage is also safe to rerun after it finished (it skip
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import submitit
+import torch
 
 from ld3m.config.io import load_config
 from ld3m.config.schema import Config
@@ -27,6 +29,22 @@ def job_config(path: str) -> Config:
     cfg = load_config(path)
     configure_threads(cfg.run.threads)
     return cfg
+
+
+def prior_stage(config: str) -> str:
+    """Train the prior that the run's prior.path names (skipped when it is already there)."""
+    from dataclasses import replace
+
+    from ld3m.prior.train import train_prior
+
+    cfg = job_config(config)
+    prior = Path(cfg.prior.path)
+    if prior.is_dir():  # written atomically: present means complete
+        return str(prior)
+    where = RunPaths(prior.parent)
+    if where.prior != prior:
+        raise ValueError(f"prior.path {prior} is not the prior/ folder of a training run")
+    return str(train_prior(replace(cfg, run=replace(cfg.run, out_dir=str(where.root)))))
 
 
 def experts_stage(config: str, shard: int, shards: int) -> str:
@@ -81,11 +99,50 @@ def eval_stage(config: str, kind: str, arch: str, seed: int) -> dict[str, Any]:
     return evaluate_set(set_path, cfg.data, ecfg, out, "off")[0]
 
 
+def queue_worker(queue: str, worker: int, tasks: list[tuple[Any, ...]], threads: int = 0) -> int:
+    """Run tasks of a shared queue until none is left; returns how many this worker ran.
+
+    Several workers get the same task list and claim tasks by creating `claimed/<i>` (atomic
+    O_EXCL), so fast workers take more: one process start per worker instead of per task. A
+    requeued worker first finishes the tasks it had claimed. Each finished task leaves
+    `done/<i>`, which `ld3m sweep` counts for its progress bar. `threads` > 0 sets torch's
+    threads for tasks whose run.threads is 0 (the machine's cores shared among the workers).
+    """
+    if threads > 0:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    root = Path(queue)
+    claimed, done = root / "claimed", root / "done"
+    for folder in (claimed, done):
+        folder.mkdir(parents=True, exist_ok=True)
+    ran = 0
+    for i, task in enumerate(tasks):
+        if (done / str(i)).exists() or not claim(claimed / str(i), worker):
+            continue
+        STAGES[task[0]](*task[1:])
+        (done / str(i)).touch()
+        ran += 1
+    return ran
+
+
+def claim(path: Path, worker: int) -> bool:
+    """Claim a task for `worker`: True if this worker now holds it (new, or claimed before)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return path.read_text().strip() == str(worker)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(worker))
+    return True
+
+
 STAGES = {
+    "prior": prior_stage,
     "experts": experts_stage,
     "distill": distill_stage,
     "baseline": baseline_stage,
     "eval": eval_stage,
+    "queue": queue_worker,
 }
 
 

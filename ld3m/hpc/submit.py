@@ -1,21 +1,28 @@
 """`ld3m sweep`: expand a sweep file and submit its stages with submitit.
 
 On Slurm (`--executor slurm`) the stages become job arrays chained by `afterok` dependencies:
-expert buffer shards -> distillation runs -> evaluation tasks (final set x architecture x
-seed), and the command returns as soon as everything is queued. The `local` executor runs the
-same jobs as local processes, stage after stage, `array_parallelism` at a time, and returns
-when the study is done; `debug` runs them in this process (for tests and debugging).
+prior (with train_prior) -> expert buffer shards -> distillation runs -> evaluation tasks (final
+set x architecture x seed), and the command returns as soon as everything is queued (or, with
+wait, when it is done). The `local` executor runs the same tasks, stage after stage, in
+`array_parallelism` local worker processes that share each stage's task queue
+(`jobs.queue_worker`), and returns when the study is done; `debug` runs every task in this
+process (for tests and debugging).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import submitit
+from tqdm import tqdm
 
 from ld3m.hpc.jobs import StageJob
 from ld3m.hpc.sweep import (
@@ -29,10 +36,12 @@ from ld3m.hpc.sweep import (
     write_configs,
     write_manifest,
 )
+from ld3m.utils.progress import show_progress
 
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("slurm", "local", "debug")
+POLL_S = 1.0
 
 
 @dataclass
@@ -47,6 +56,9 @@ class Stage:
 def plan(spec: SweepSpec, runs: list[RunSpec]) -> list[Stage]:
     """The stages of the study in order, each with its task arguments."""
     stages = []
+    if "prior" in spec.stages:
+        priors = {r.cfg.prior.path: r for r in runs if r.trains_prior}
+        stages.append(Stage("prior", [("prior", str(r.config_path)) for r in priors.values()]))
     if "experts" in spec.stages:
         tasks, seen = [], set()
         for run in runs:
@@ -107,17 +119,23 @@ def make_executor(kind: str, folder: Path, spec: SweepSpec, stage: Stage) -> sub
     return ex
 
 
-def submit_sweep(path: str | Path, executor: str = "slurm") -> Path:
-    """Expand, write every run's config and the manifest, submit; returns the sweep directory."""
+def submit_sweep(path: str | Path, executor: str = "slurm", overrides: Sequence[str] = (),
+                 wait: bool = False, progress: str = "auto") -> Path:  # fmt: skip
+    """Expand, write every run's config and the manifest, submit; returns the sweep directory.
+
+    `overrides` are added to the sweep's own; `wait` (slurm) returns only when every job ended.
+    """
     if executor not in EXECUTORS:
         raise ValueError(f"executor {executor!r}: use one of {EXECUTORS}")
     spec, spec_dir = load_sweep(path)
+    spec = replace(spec, overrides=(*spec.overrides, *overrides))
     runs = expand(spec, spec_dir)
     write_configs(runs)
     root = sweep_dir(spec)
     jobs: dict[str, list[list[Any]]] = {}  # stage -> [[task arguments, job id], ...]
     write_manifest(root, spec, runs, jobs)
     after: str | None = None
+    queued: list[tuple[Stage, list[submitit.Job]]] = []
     for stage in plan(spec, runs):
         folder = root / "logs" / stage.name
         ex = make_executor(executor, folder, spec, stage)
@@ -126,6 +144,10 @@ def submit_sweep(path: str | Path, executor: str = "slurm") -> Path:
                 ex.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{after}"})
             submitted = submit_array(ex, stage.tasks)
             after = submitted[0].job_id.split("_")[0]
+            queued.append((stage, submitted))
+        elif executor == "local" and not (stage.distributed and spec.slurm.tasks_per_node > 1):
+            submitted = run_queue(ex, stage, folder / "queue", spec.slurm.array_parallelism,
+                                  progress)  # fmt: skip
         else:
             submitted = run_in_waves(ex, stage.tasks, spec.slurm.array_parallelism)
         jobs[stage.name] = [
@@ -134,6 +156,9 @@ def submit_sweep(path: str | Path, executor: str = "slurm") -> Path:
         write_manifest(root, spec, runs, jobs)
         log.info("%s: %d task(s) %s", stage.name, len(submitted),
                  "queued" if executor == "slurm" else "done")  # fmt: skip
+    if wait:
+        for stage, submitted in queued:
+            wait_for(stage, submitted, progress)
     return root
 
 
@@ -154,3 +179,56 @@ def run_in_waves(ex: submitit.Executor, tasks: Sequence[tuple[Any, ...]],
             job.result()
         done += wave
     return done
+
+
+def run_queue(ex: submitit.Executor, stage: Stage, queue: Path, width: int,
+              progress: str) -> list[submitit.Job]:  # fmt: skip
+    """Local: `width` worker processes share the stage's tasks (one process start per worker,
+    not per task); returns, per task, the job of the worker that ran it."""
+    shutil.rmtree(queue, ignore_errors=True)  # claims of an earlier submission
+    width = max(1, min(width, len(stage.tasks)))
+    threads = max(1, len(os.sched_getaffinity(0)) // width)
+    workers = [ex.submit(StageJob(), "queue", str(queue), w, stage.tasks, threads)
+               for w in range(width)]  # fmt: skip
+    done = queue / "done"
+    with tqdm(total=len(stage.tasks), desc=stage.name, unit="task",
+              disable=not show_progress(progress)) as bar:  # fmt: skip
+        while not all(w.done() for w in workers):
+            time.sleep(POLL_S)
+            bar.update(count_files(done) - bar.n)
+        bar.update(count_files(done) - bar.n)
+    for w in workers:
+        w.result()  # raises the first failure, with its traceback
+    owner = [int((queue / "claimed" / str(i)).read_text()) for i in range(len(stage.tasks))]
+    return [workers[o] for o in owner]
+
+
+def count_files(folder: Path) -> int:
+    return sum(1 for _ in folder.iterdir()) if folder.is_dir() else 0
+
+
+def wait_for(stage: Stage, jobs: list[submitit.Job], progress: str) -> None:
+    """Block until no task of a queued stage is left in squeue; raise if one failed.
+
+    squeue, not submitit's state, decides: submitit reads states from sacct, which clusters
+    without accounting (and the local test Slurm) do not have.
+    """
+    arrays = sorted({job.job_id.split("_")[0] for job in jobs})
+    with tqdm(total=len(jobs), desc=stage.name, unit="task",
+              disable=not show_progress(progress)) as bar:  # fmt: skip
+        while left := queued_tasks(arrays):
+            bar.update(max(len(jobs) - left, 0) - bar.n)
+            time.sleep(POLL_S)
+        bar.update(len(jobs) - bar.n)
+    for job in jobs:
+        if not job.paths.result_pickle.exists():
+            raise RuntimeError(f"{stage.name} task {job.job_id} ended without a result "
+                               f"(killed?); see {job.paths.stderr}")  # fmt: skip
+        job.result()  # raises the task's exception, with its traceback
+
+
+def queued_tasks(job_ids: list[str]) -> int:
+    """How many tasks of these jobs (arrays expanded) squeue still lists."""
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(job_ids)],
+                         capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+    return len(out.split())

@@ -6,7 +6,10 @@
     grid:                              # cartesian product of dotted overrides
       distill.objective: [dm, mtt]
       distill.ipc: [1, 10]
+    # or a list of such grids, whose runs are joined (e.g. a main grid plus an ablation):
+    # grid: [{distill.objective: [dm, mtt]}, {generator.skip: [autoencoder]}]
     eval: {archs: [ConvNet, ResNet18], seeds: [0, 1]}
+    train_prior: true                  # train the base config's prior once, before everything
     slurm: {partition: gpu, time_min: 240, gpus_per_node: 1, tasks_per_node: 1}
 
 Expansion is pure: the same file always gives the same runs, each in
@@ -25,11 +28,21 @@ from typing import Any
 
 import yaml
 
-from ld3m.config.io import build, load_config, read_yaml, resolve_config, save_config, to_dict
+from ld3m.config.io import (
+    build,
+    load_config,
+    presets_dir,
+    read_yaml,
+    resolve_config,
+    save_config,
+    to_dict,
+)
 from ld3m.config.schema import Config
 from ld3m.errors import ConfigError
+from ld3m.paths import RunPaths
 
 MANIFEST = "manifest.json"
+STAGES = ("prior", "experts", "distill", "eval")
 
 
 @dataclass(frozen=True)
@@ -88,12 +101,17 @@ class SweepSpec:
     """Where sweep directories go (relative to the working directory)."""
     overrides: tuple[str, ...] = ()
     """Dotted overrides applied to every run."""
-    grid: dict[str, Any] = field(default_factory=dict)
-    """Dotted key -> list of values; every combination is one run."""
+    grid: dict[str, Any] | tuple[dict[str, Any], ...] = field(default_factory=dict)
+    """Dotted key -> list of values; every combination is one run. A list of such mappings
+    joins their runs (duplicates are an error)."""
     baselines: tuple[int, ...] = ()
     """IPCs for which a random-real baseline set is made and evaluated alongside."""
-    stages: tuple[str, ...] = ("experts", "distill", "eval")
-    """Stages to run (experts only run when some run uses MTT)."""
+    train_prior: bool = False
+    """Train the base config's prior (its data and prior_train settings) once, into
+    `<sweep dir>/priors/<data>-<hash>/`, for every latent-space run whose prior.path is empty.
+    A finished prior is reused by later submissions of the sweep."""
+    stages: tuple[str, ...] = STAGES
+    """Stages to run (prior only with train_prior, experts only when some run uses MTT)."""
     eval: SweepEval = field(default_factory=SweepEval)
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
 
@@ -107,6 +125,8 @@ class RunSpec:
     overrides: tuple[str, ...]
     cfg: Config
     kind: str = "distill"  # or "baseline"
+    trains_prior: bool = False
+    """The sweep trains the prior that cfg.prior.path names (train_prior)."""
 
     @property
     def config_path(self) -> Path:
@@ -114,20 +134,36 @@ class RunSpec:
 
 
 def load_sweep(path: str | Path) -> tuple[SweepSpec, Path]:
-    """(spec, directory of the sweep file) from a YAML sweep file, keys and types checked."""
-    path = Path(path)
+    """(spec, directory of the sweep file) from a YAML sweep file (or the name of a sweep shipped
+    in ld3m/presets/sweeps/, e.g. `quickstart`), keys and types checked."""
+    path = resolve_sweep(path)
     tree = read_yaml(path)
     spec = build(SweepSpec, tree, prefix="", source=f"sweep file {path}")
     if not spec.name:
         raise ConfigError(f"sweep file {path} needs a name: (the sweep directory's name)")
-    for key, values in spec.grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"sweep file {path}: grid.{key} must be a non-empty list of values")
-    bad = set(spec.stages) - {"experts", "distill", "eval"}
+    for grid in grids(spec):
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"sweep file {path}: grid.{key} must be a non-empty list of "
+                                  "values")  # fmt: skip
+    bad = set(spec.stages) - set(STAGES)
     if bad:
-        raise ConfigError(f"sweep file {path}: unknown stages {sorted(bad)}; use experts, "
-                          "distill, eval")  # fmt: skip
+        raise ConfigError(f"sweep file {path}: unknown stages {sorted(bad)}; use "
+                          f"{', '.join(STAGES)}")  # fmt: skip
     return spec, path.parent
+
+
+def resolve_sweep(name: str | Path) -> Path:
+    """An existing sweep file, else the packaged sweep of that name."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = presets_dir() / "sweeps" / f"{name}.yaml"
+    if packaged.is_file():
+        return packaged
+    shipped = sorted(p.stem for p in (presets_dir() / "sweeps").glob("*.yaml"))
+    raise ConfigError(f"sweep file {name} not found; pass a YAML path or one of the shipped "
+                      f"sweeps: {', '.join(shipped)}")  # fmt: skip
 
 
 def sweep_dir(spec: SweepSpec) -> Path:
@@ -151,6 +187,11 @@ def readable(overrides: tuple[str, ...]) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text)[:80]
 
 
+def grids(spec: SweepSpec) -> tuple[dict[str, Any], ...]:
+    """The sweep's grids (one, or the joined list)."""
+    return (spec.grid,) if isinstance(spec.grid, dict) else spec.grid
+
+
 def grid_points(grid: dict[str, Any]) -> list[tuple[str, ...]]:
     """Every combination of the grid as a tuple of `key=value` overrides (file order)."""
     keys = list(grid)
@@ -169,18 +210,18 @@ def yaml_value(value: Any) -> str:
 def expand(spec: SweepSpec, spec_dir: Path) -> list[RunSpec]:
     """The sweep's runs: one per grid point, plus one random-real baseline per `baselines` IPC."""
     base = str(resolve_config(spec.base, spec_dir)) if spec.base else None
-    root = sweep_dir(spec)
     runs = []
-    for point in grid_points(spec.grid) or [()]:
+    points = [point for grid in grids(spec) for point in grid_points(grid)]
+    for point in points or [()]:
         overrides = (*spec.overrides, *point)
         cfg = load_config(base, overrides)
         name = f"{readable(point)}-{config_hash(cfg)}"
-        runs.append(finish_run(name, root, overrides, cfg, "distill"))
+        runs.append(finish_run(spec, name, overrides, cfg, "distill"))
     for ipc in spec.baselines:
         overrides = (*spec.overrides, f"baseline.ipc={ipc}")
         cfg = load_config(base, overrides)
         name = f"random-real_ipc-{ipc}-{config_hash(cfg)}"
-        runs.append(finish_run(name, root, overrides, cfg, "baseline"))
+        runs.append(finish_run(spec, name, overrides, cfg, "baseline"))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep {spec.name}: two grid points give the same config; "
@@ -188,23 +229,38 @@ def expand(spec: SweepSpec, spec_dir: Path) -> list[RunSpec]:
     return runs
 
 
-def finish_run(name: str, root: Path, overrides: tuple[str, ...], cfg: Config,
+def finish_run(spec: SweepSpec, name: str, overrides: tuple[str, ...], cfg: Config,
                kind: str) -> RunSpec:  # fmt: skip
-    """The run with its directory and, for MTT, a shared expert buffer per expert config."""
+    """The run with its directory and its shared inputs: for MTT the expert buffer of its
+    expert config, for latent runs of a train_prior sweep the prior of its prior config."""
+    root = sweep_dir(spec)
     run_dir = root / "runs" / name
-    run = replace(cfg.run, out_dir=str(run_dir))
-    cfg = replace(cfg, run=run)
+    cfg = replace(cfg, run=replace(cfg.run, out_dir=str(run_dir)))
     if kind == "distill" and cfg.distill.objective == "mtt" and not cfg.experts.dir:
         buffer = root / "experts" / experts_key(cfg)
         cfg = replace(cfg, experts=replace(cfg.experts, dir=str(buffer)))
-    return RunSpec(name, run_dir, overrides, cfg, kind)
+    trains_prior = (spec.train_prior and kind == "distill" and cfg.distill.space == "latent"
+                    and not cfg.prior.path)  # fmt: skip
+    if trains_prior:
+        prior = RunPaths(root / "priors" / prior_key(cfg)).prior
+        cfg = replace(cfg, prior=replace(cfg.prior, path=str(prior)))
+    return RunSpec(name, run_dir, overrides, cfg, kind, trains_prior)
 
 
 def experts_key(cfg: Config) -> str:
     """Name of the expert buffer that a config needs (data + expert settings)."""
-    tree = {"data": to_dict(cfg.data), "experts": to_dict(cfg.experts)}
-    digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{cfg.data.name}-{cfg.experts.arch}-{digest}"
+    return f"{cfg.data.name}-{cfg.experts.arch}-{digest(cfg, 'data', 'experts')}"
+
+
+def prior_key(cfg: Config) -> str:
+    """Name of the prior that a config trains (data + prior_train settings)."""
+    return f"{cfg.data.name}-{digest(cfg, 'data', 'prior_train')}"
+
+
+def digest(cfg: Config, *sections: str) -> str:
+    """8 hex digits of some sections of a config."""
+    tree = {name: to_dict(getattr(cfg, name)) for name in sections}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def write_configs(runs: list[RunSpec]) -> None:

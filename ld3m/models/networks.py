@@ -164,8 +164,9 @@ class AlexNet(_Classifier):
 class VGG11(_Classifier):
     """GLaD VGG11 with instance norm, AdaptiveMaxPool2d(7) and Linear(512 * 49).
 
-    Inputs too small for all five max-pools (e.g. 28 px with 3 channels) skip the pools that
-    would shrink the feature map below 1 px; AdaptiveMaxPool2d(7) then resizes as usual.
+    Inputs too small for all five max-pools (e.g. 16 px, or 28 px with 3 channels) skip the
+    pools that would leave a later conv a 1 px map, where instance norm outputs a constant and
+    the network cannot learn; AdaptiveMaxPool2d(7) then resizes as usual.
     """
 
     def __init__(self, channels: int, num_classes: int, res: int) -> None:
@@ -173,9 +174,10 @@ class VGG11(_Classifier):
         _check_positive(channels=channels, num_classes=num_classes, res=res)
         layers: list[nn.Module] = []
         in_ch, size = channels, res
-        for v in VGG11_CFG:
+        for i, v in enumerate(VGG11_CFG):
             if v == "M":
-                if size >= 2:
+                conv_follows = any(w != "M" for w in VGG11_CFG[i + 1 :])
+                if size // 2 >= (2 if conv_follows else 1):
                     layers.append(nn.MaxPool2d(2, 2))
                     size //= 2
                 continue

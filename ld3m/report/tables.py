@@ -88,19 +88,25 @@ def formatted(table: pd.DataFrame, pm: str = " ± ") -> pd.DataFrame:
     """`mean ± std` strings, one column per architecture, then the unseen mean."""
     out = pd.DataFrame(index=table.index)
     for arch in archs_in_order(table):
-        mean, std = table[("mean", arch)], table[("std", arch)]
-        pairs = zip(mean, std, strict=True)
-        out[arch] = [f"{m:.1f}{pm}{s:.1f}" if pd.notna(m) else "–" for m, s in pairs]
+        mean, std, n = table[("mean", arch)], table[("std", arch)], table[("count", arch)]
+        out[arch] = [cell(m, s, c, pm) for m, s, c in zip(mean, std, n, strict=True)]
     unseen = table[("mean", UNSEEN)]
     out[UNSEEN] = [f"{u:.1f}" if pd.notna(u) else "–" for u in unseen]
     return out.reset_index()
+
+
+def cell(mean: float, std: float, count: float, pm: str) -> str:
+    """`mean ± std`, just `mean` for a single network (no spread to show), `–` for none."""
+    if pd.isna(mean):
+        return "–"
+    return f"{mean:.1f}" if count == 1 else f"{mean:.1f}{pm}{std:.1f}"
 
 
 def write_tables(table: pd.DataFrame, out_dir: Path, stem: str = "results") -> list[Path]:
     """results.md, results.csv (numbers) and results.tex in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md, csv, tex = (out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "tex"))
-    md.write_text(formatted(table).to_markdown(index=False) + "\n")
+    md.write_text(formatted(table).to_markdown(index=False, disable_numparse=True) + "\n")
     flat = table.copy()
     flat.columns = [f"{arch}_{stat}" for stat, arch in flat.columns]
     flat.reset_index().to_csv(csv, index=False)
@@ -119,6 +125,9 @@ def plot_accuracy_over_steps(records: pd.DataFrame, path: Path) -> Path | None:
     if records.empty:
         return None
     curves = records.groupby(["run", "arch", "step"])["acc"].mean().reset_index()
+    curves = curves[curves.groupby(["run", "arch"])["step"].transform("size") > 1]
+    if curves.empty:
+        return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for (run, arch), part in curves.groupby(["run", "arch"]):
         ax.plot(part["step"], 100 * part["acc"], marker="o", label=f"{Path(run).name} {arch}")

@@ -183,7 +183,7 @@ def main() -> None:
     measure = {
         "t": lambda: t_tradeoff(out, args.iterations),
         "procs": lambda: procs(out, min(args.iterations, 10), args.batch),
-        "ipc-res": lambda: ipc_res(out, min(args.iterations, 4)),
+        "ipc-res": lambda: ipc_res(out, min(args.iterations, 3)),
     }
     for name in args.what:
         rows = measure[name]()

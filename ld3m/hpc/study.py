@@ -33,8 +33,12 @@ def detect_executor() -> str:
 def run_study(sweep: str, executor: str = "auto", overrides: Sequence[str] = (),
               progress: str = "auto") -> str:  # fmt: skip
     """Run a sweep to the end and return the closing text: results table, set grids, files."""
-    executor = detect_executor() if executor == "auto" else executor
-    print(f"[{sweep}] executor: {executor}", flush=True)
+    how = "chosen"
+    if executor == "auto":
+        executor = detect_executor()
+        how = "Slurm answers" if executor == "slurm" else "no Slurm found"
+    print(f"[{sweep}] executor: {executor} ({how}); a progress bar per stage follows",
+          flush=True)  # fmt: skip
     root = submit_sweep(sweep, executor, overrides, wait=True, progress=progress)
     out = root / "report"
     written = report([root], out)

@@ -37,7 +37,7 @@ def run_study(sweep: str, executor: str = "auto", overrides: Sequence[str] = (),
     if executor == "auto":
         executor = detect_executor()
         how = "Slurm answers" if executor == "slurm" else "no Slurm found"
-    print(f"[{sweep}] executor: {executor} ({how}); a progress bar per stage follows",
+    print(f"[{sweep}] executor: {executor} ({how}); progress per stage follows",
           flush=True)  # fmt: skip
     root = submit_sweep(sweep, executor, overrides, wait=True, progress=progress)
     out = root / "report"

@@ -15,7 +15,8 @@ from ld3m.config.schema import Config
 from ld3m.data.datasets import DatasetInfo, RealDataset
 from ld3m.distill import loop
 from ld3m.distill.loop import Distiller
-from ld3m.errors import TrainingError
+from ld3m.distill.objectives import OBJECTIVES
+from ld3m.errors import ConfigError, TrainingError
 from ld3m.experts.sampler import ExpertSampler
 from ld3m.experts.store import ExpertStore
 from ld3m.experts.train import expert_spec, train_expert
@@ -65,20 +66,33 @@ def build(cfg: Config, data: RealDataset) -> Distiller:
     return Distiller(cfg, data, prior, experts)
 
 
+AST = [
+    "distill.mtt.student_momentum=0.9",
+    "distill.mtt.balanced_loss=true",
+    "distill.mtt.intermediate=adaptive",
+    "distill.mtt.perturb=1",
+    "distill.init=kmeans",
+]
 CASES = [
     ("dm", "pixel"),
     ("dc", "pixel"),
+    ("dcc", "pixel"),
     ("mtt", "pixel"),
     ("dm", "latent"),
     ("mtt", "latent"),
+    ("mtt_ast", "latent"),
 ]
 
 
 @pytest.mark.parametrize(("objective", "space"), CASES)
 def test_resume_equals_uninterrupted_run(tmp_path: Path, objective: str, space: str) -> None:
     data = toy_data()
-    extra = [f"distill.objective={objective}", f"distill.space={space}", "distill.mtt.syn_steps=2",
-             "distill.mtt.expert_epochs=1", "distill.mtt.max_start_epoch=2"]  # fmt: skip
+    extra = [f"distill.space={space}", "distill.mtt.syn_steps=2", "distill.mtt.expert_epochs=1",
+             "distill.mtt.max_start_epoch=2", "distill.dcc.warmup=0.3"]  # fmt: skip
+    # (DCC warm-up 0.3: one class-wise iteration both at 2 and at 4 iterations)
+    if objective == "mtt_ast":
+        objective, extra = "mtt", [*extra, *AST, "distill.mtt.expert_epochs=2"]
+    extra.append(f"distill.objective={objective}")
     if objective == "mtt":
         extra.append(f"experts.dir={tiny_experts(tmp_path, data)}")
     full_cfg = make_cfg(tmp_path / "full", *extra)
@@ -190,13 +204,13 @@ def test_loop_draws_nothing_from_global_rng(tmp_path: Path) -> None:
 
 def test_default_learning_rates_cover_every_objective() -> None:
     for space in ("latent", "pixel"):
-        for objective in ("dc", "dm", "mtt"):
+        for objective in OBJECTIVES:
             assert loop.DEFAULT_LR[(space, objective)] > 0
 
 
 def test_method_names_tell_spaces_objectives_and_ablations_apart() -> None:
     from ld3m.config.io import load_config
-    from ld3m.distill.loop import method_name
+    from ld3m.methods import method_name
 
     def name(*overrides: str) -> str:
         return method_name(load_config(None, list(overrides)))
@@ -205,3 +219,31 @@ def test_method_names_tell_spaces_objectives_and_ablations_apart() -> None:
     assert name("distill.space=latent", "distill.objective=dc") == "ld3m_dc"
     assert name("distill.objective=dm", "generator.skip=autoencoder") == "ld3m_dm_autoencoder"
     assert name("distill.space=pixel", "generator.skip=none") == "pixel_dm"
+    assert name("distill.space=pixel", "distill.objective=dcc") == "pixel_dcc"
+    assert name("distill.objective=mtt", "distill.mtt.perturb=1") == "ld3m_mtt_ast"
+    assert name("distill.objective=mtt", "experts.grad_penalty=2") == "ld3m_mtt_ast"
+    assert name("distill.objective=dm", "distill.mtt.perturb=1") == "ld3m_dm"
+
+
+def test_kmeans_init_takes_the_real_image_nearest_each_centroid() -> None:
+    """Per class, k = ipc clusters of features; the init holds one real image per cluster."""
+    from ld3m.distill.synthetic import build_synthetic_set, kmeans, nearest_distinct
+
+    gen = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.randn(20, 2, generator=gen) * 0.1 + torch.tensor(c)
+                        for c in ([0.0, 0.0], [5.0, 0.0], [0.0, 5.0])])  # fmt: skip
+    centroids = kmeans(points.double(), 3, torch.Generator().manual_seed(1))
+    assert sorted(centroids.round().abs().tolist()) == [[0, 0], [0, 5], [5, 0]]
+    picked = nearest_distinct(points.double(), centroids)
+    assert sorted((picked // 20).tolist()) == [0, 1, 2]  # one point of each cluster
+    # Images whose brightness forms 2 clusters per class: ipc=2 takes one of each.
+    data = toy_data()
+    x = data.train_images.clone()
+    x[::2] //= 4  # every other image is dark
+    dark = RealDataset(x, data.train_labels, x, data.train_labels, data.info)
+    synset = build_synthetic_set(dark, "pixel", 2, "kmeans", 0, None,
+                                 embed=lambda b: b.mean(dim=(1, 2, 3))[:, None])  # fmt: skip
+    brightness = synset.images.mean(dim=(1, 2, 3)).reshape(3, 2)
+    assert bool(((brightness[:, 0] - brightness[:, 1]).abs() > 0.5).all())
+    with pytest.raises(ConfigError, match="kmeans"):
+        build_synthetic_set(dark, "pixel", 2, "kmeans", 0, None)

@@ -68,14 +68,40 @@ def test_trajectory_starts_at_seeded_init_and_learns() -> None:
     assert untrained < 0.6 and traj.test_acc[-1] >= 0.9
 
 
-def test_keep_epochs_trains_only_the_kept_prefix() -> None:
+AST = dataclasses.replace(FAST, momentum=0.9, weight_decay=1e-3, lr_milestone=1, lr_gamma=0.6,
+                          loss_scale_epochs=2, grad_penalty=2.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("cfg", [FAST, AST], ids=["mtt", "ast"])
+def test_keep_epochs_trains_only_the_kept_prefix(cfg: ExpertsConfig) -> None:
     data = tiny_dataset(train_per_class=8, test_per_class=2)
-    full = train_expert(data, FAST, seed=3, progress_mode="off")
-    kept = train_expert(data, dataclasses.replace(FAST, keep_epochs=2), seed=3, progress_mode="off")
+    full = train_expert(data, cfg, seed=3, progress_mode="off")
+    kept = train_expert(data, dataclasses.replace(cfg, keep_epochs=2), seed=3, progress_mode="off")
     assert kept.snapshots.shape[0] == 3 and len(kept.test_acc) == 2
     torch.testing.assert_close(kept.snapshots, full.snapshots[:3], rtol=0, atol=0)
-    longer = dataclasses.replace(FAST, epochs=1, keep_epochs=5)
+    longer = dataclasses.replace(cfg, epochs=1, keep_epochs=5)
     assert train_expert(data, longer, seed=3, progress_mode="off").snapshots.shape[0] == 2
+
+
+def test_ast_expert_options() -> None:
+    """The clipping-loss factors, the input-gradient penalty against its closed form on a
+    linear network, and AST experts that learn and differ from MTT's."""
+    cfg = dataclasses.replace(FAST, loss_scale_epochs=10)
+    assert [train.loss_scale(cfg, e) for e in (0, 1, 9, 10, 30)] == pytest.approx(
+        [0.5, 0.55, 0.95, 1.0, 1.0])  # fmt: skip
+    assert train.loss_scale(FAST, 0) == 1.0
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
+    x = torch.randn(2, 3, 4, 4)
+    g = net[1].weight.sum(0).reshape(3, 4, 4)  # d sum_k f_k / dx, the same for every sample
+    expected = (g.norm(dim=0) - 1).square().mean()
+    torch.testing.assert_close(train.input_grad_penalty(net, x), expected)
+    data = tiny_dataset()
+    ast = train_expert(data, dataclasses.replace(AST, dsa=False), seed=7, progress_mode="off")
+    mtt = train_expert(data, dataclasses.replace(FAST, dsa=False), seed=7, progress_mode="off")
+    assert torch.equal(ast.snapshots[0], mtt.snapshots[0])
+    assert not torch.equal(ast.snapshots[1], mtt.snapshots[1]) and ast.test_acc[-1] >= 0.9
+    with pytest.raises(ConfigError, match="grad_penalty"):
+        train_expert(data, dataclasses.replace(FAST, grad_penalty=-1.0), seed=0)
 
 
 def _args(tmp_path: Path, shard: str, *overrides: str) -> argparse.Namespace:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -9,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ld3m.config.schema import DistillConfig, MTTConfig
+from ld3m.config.schema import DCCConfig, DistillConfig, MTTConfig
 from ld3m.data.augment import DiffAugment
 from ld3m.data.datasets import DatasetInfo, RealDataset
 from ld3m.distill.objectives import OBJECTIVES, build_objective
 from ld3m.distill.objectives.base import draw_seed, seeded_network
+from ld3m.distill.objectives.mtt import draw_plan
 from ld3m.errors import ConfigError
 from ld3m.models.functional import flatten_params, functional_forward
 
@@ -68,7 +70,7 @@ def make_cfg(objective: str, dsa: bool = True, **mtt: int | float) -> DistillCon
     mtt_cfg = MTTConfig(**{"syn_steps": 2, "max_start_epoch": 2, "expert_epochs": 2, **mtt})
     return DistillConfig(
         objective=objective, arch="ConvNet", batch_real=4, dsa=dsa, dsa_strategy=STRATEGY,
-        ipc=IPC, mtt=mtt_cfg,
+        ipc=IPC, mtt=mtt_cfg, dcc=DCCConfig(warmup=0.0),
     )  # fmt: skip
 
 
@@ -101,16 +103,23 @@ def ref_distance(gr: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
 
 
 def reference(name: str, data: RealDataset, images: torch.Tensor, labels: torch.Tensor, g):
-    """DC or DM loss over all classes as ONE scalar, and its autograd image gradient."""
+    """DC, DCC or DM loss over all classes as ONE scalar, and its autograd image gradient."""
     cfg = make_cfg(name)
     net = seeded_network("ConvNet", C, K, R, draw_seed(g), NET).double()
     params = list(net.parameters())
     aug, x_all = DiffAugment(STRATEGY), images.clone().requires_grad_(True)
     total = torch.zeros((), dtype=torch.float64)
+    g_real_mean, views = [torch.zeros_like(p) for p in params], []
     for c in range(K):
         real = data.images_of_class(c, cfg.batch_real, g).double()
         seed = draw_seed(g)
         syn = x_all[labels == c]
+        if name == "dcc":  # the class-mean real gradient vs the whole set's gradient
+            y_real = torch.full((len(real),), c)
+            g_c = torch.autograd.grad(F.cross_entropy(net(aug(real, seed=seed)), y_real), params)
+            g_real_mean = [m + gc / K for m, gc in zip(g_real_mean, g_c, strict=True)]
+            views.append(aug(syn, seed=seed))
+            continue
         if name == "dm":
             diff = net.embed(aug(real, seed=seed)).mean(0) - net.embed(aug(syn, seed=seed)).mean(0)
             total = total + diff.square().sum()
@@ -120,6 +129,10 @@ def reference(name: str, data: RealDataset, images: torch.Tensor, labels: torch.
         loss_syn = F.cross_entropy(net(aug(syn, seed=seed)), y_syn)
         g_syn = torch.autograd.grad(loss_syn, params, create_graph=True)
         total = total + sum(ref_distance(r, s) for r, s in zip(g_real, g_syn, strict=True))
+    if name == "dcc":
+        loss_syn = F.cross_entropy(net(torch.cat(views)), labels.sort().values)
+        g_syn = torch.autograd.grad(loss_syn, params, create_graph=True)
+        total = sum(ref_distance(r, s) for r, s in zip(g_real_mean, g_syn, strict=True))
     return total, torch.autograd.grad(total, x_all)[0]
 
 
@@ -144,14 +157,34 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("name", ["dc", "dm"])
-def test_dc_dm_gradient_equals_direct_autograd(name: str, data: RealDataset) -> None:
+@pytest.mark.parametrize("name", ["dc", "dcc", "dm"])
+def test_dc_dcc_dm_gradient_equals_direct_autograd(name: str, data: RealDataset) -> None:
     images, labels = syn_set()
     out = build(name, data, None).image_grad(images, labels, None, rng())
     ref_loss, ref_grad = reference(name, data, images, labels, rng())
     assert out.loss == pytest.approx(float(ref_loss.detach()), rel=1e-10)
     assert out.grad.abs().sum() > 0
     torch.testing.assert_close(out.grad, ref_grad, rtol=1e-8, atol=1e-12)
+
+
+def test_dcc_warms_up_with_the_class_wise_loss(data: RealDataset) -> None:
+    """DCC is DC's class-wise loss for the first warmup x iterations, then contrastive."""
+    images, labels = syn_set()
+    cfg = replace(make_cfg("dcc"), iterations=8, dcc=DCCConfig(warmup=0.25))
+    dcc, dc = build("dcc", data, None, cfg=cfg), build("dc", data, None)
+    for it in (0, 1):
+        warm, ref = dcc.image_grad(images, labels, None, rng(), it), dc.image_grad(
+            images, labels, None, rng())  # fmt: skip
+        assert warm.loss == ref.loss and torch.equal(warm.grad, ref.grad)
+        assert warm.stats["contrastive"] == 0.0
+    after = dcc.image_grad(images, labels, None, rng(), 2)
+    assert after.stats["contrastive"] == 1.0 and after.loss != ref.loss
+    # One class: the class-mean real gradient is that class's, so DCC is DC.
+    one = labels == 0
+    a = dcc.image_grad(images[one], labels[one], None, rng(), 5)
+    b = dc.image_grad(images[one], labels[one], None, rng())
+    assert a.loss == pytest.approx(b.loss, rel=1e-10)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-12)
 
 
 def mtt_cfg(**mtt: int | float) -> DistillConfig:
@@ -203,6 +236,107 @@ def test_mtt_tesla_matches_unroll_with_dsa_and_minibatches(data, experts) -> Non
     assert int((a.grad.flatten(1).abs().sum(1) > 0).sum()) == 4  # only the minibatch moves
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-12)
     torch.testing.assert_close(a.lr_grad, b.lr_grad, rtol=1e-5, atol=1e-12)
+
+
+# ---------------------------------------------------------------- AST options of MTT
+
+AST = {"student_momentum": 0.9, "balanced_loss": True, "intermediate": "adaptive",
+       "perturb": 1.0}  # fmt: skip
+
+
+def ref_ast_first_order(snapshots, images, labels, alpha: float, steps: int, epochs: int, g):
+    """AST's student (momentum 0.9, balanced CE, adaptive intermediate matches, perturbed start;
+    start 0, whole set, no DSA) by autograd, with each g_j evaluated at a DETACHED theta_j:
+    exactly the first-order quantity the derived TESLA form claims to compute."""
+    net = seeded_network("ConvNet", C, K, R, 0, NET)
+    draw_plan(g, len(labels), MTTConfig(syn_steps=steps, max_start_epoch=1))
+    theta0 = snapshots[0].double().clone()
+    offset = 0
+    for p in net.parameters():
+        if p.ndim == 4:
+            d = torch.randn(p.numel(), generator=g, dtype=torch.float64)
+            w = theta0[offset : offset + p.numel()]
+            theta0[offset : offset + p.numel()] = w + (d / d.norm()) * w
+        offset += p.numel()
+    scale = math.log(8, 5)  # start 0 >= h = max_start_epoch // 2 = 0
+    every = steps // epochs
+    targets = {every * i: (snapshots[i].double(), i / epochs) for i in range(1, epochs)}
+    targets[steps] = (snapshots[epochs].double(), 1.0)
+    x_all = images.clone().requires_grad_(True)
+    a = torch.tensor(alpha, dtype=torch.float64, requires_grad=True)
+    theta, buf, loss = theta0, 0.0, torch.zeros((), dtype=torch.float64)
+    for i in range(steps):
+        leaf = theta.detach().requires_grad_(True)
+        ce = scale * F.cross_entropy(functional_forward(net, leaf, x_all), labels)
+        buf = 0.9 * buf + torch.autograd.grad(ce, leaf, create_graph=True)[0]
+        theta = theta - a * buf
+        if i + 1 in targets:
+            target, weight = targets[i + 1]
+            loss = loss + weight * (theta - target).square().sum() / (
+                (theta0 - target).square().sum())  # fmt: skip
+    return (loss.detach(), *torch.autograd.grad(loss, (x_all, a)))
+
+
+def test_ast_tesla_equals_its_first_order_reference(data) -> None:
+    """The derived TESLA form with momentum, intermediate matches, balanced CE and the
+    perturbed start is the first-order gradient, exactly (seed-methods notes, AST)."""
+    snapshots = make_snapshots(data, epochs=4)
+    images, labels = syn_set()
+    cfg = mtt_cfg(syn_steps=6, expert_epochs=3, **AST)
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    out = build("mtt", data, FakeExperts(snapshots), cfg=cfg).image_grad(images, labels, lr, rng())
+    loss, grad, lr_grad = ref_ast_first_order(snapshots, images, labels, 0.05, 6, 3, rng())
+    assert out.loss == pytest.approx(float(loss), rel=1e-10)
+    torch.testing.assert_close(out.grad, grad, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(out.lr_grad, lr_grad, rtol=1e-6, atol=1e-12)
+
+
+def test_ast_tesla_approximates_the_full_unroll(data) -> None:
+    """One step with every AST option: exact; several steps: a first-order approximation of
+    the full unroll (same loss, gradients pointing the same way)."""
+    snapshots = make_snapshots(data, epochs=4)
+    images, labels = syn_set()
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    for steps, epochs in ((1, 1), (6, 3)):
+        cfg = mtt_cfg(syn_steps=steps, expert_epochs=epochs, **AST)
+        a, b = (
+            build("mtt", data, FakeExperts(snapshots), cfg=cfg, estimator=est).image_grad(
+                images, labels, lr, rng())
+            for est in ("tesla", "unroll")
+        )  # fmt: skip
+        assert a.loss == pytest.approx(b.loss, rel=1e-10)
+        if steps == 1:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(a.lr_grad, b.lr_grad, rtol=1e-6, atol=1e-12)
+        else:
+            assert not torch.allclose(a.grad, b.grad, rtol=1e-3) and cosine(a.grad, b.grad) > 0.9
+
+
+def test_ast_option_values(data) -> None:
+    """Balanced CE factors, momentum coefficients, intermediate match steps and weights, and the
+    perturbation touching conv weights only."""
+    from ld3m.distill.objectives.mtt import momentum_coef
+
+    obj = build("mtt", data, FakeExperts(make_snapshots(data, epochs=40)),
+                cfg=mtt_cfg(max_start_epoch=20, syn_steps=20, expert_epochs=3, **AST))  # fmt: skip
+    assert obj.ce_scale(10) == pytest.approx(math.log(8, 5))  # h = 10
+    assert obj.ce_scale(19) == pytest.approx(math.log(17, 5))
+    assert obj.ce_scale(0) == pytest.approx(1 / math.log(18, 5))
+    assert momentum_coef(0.9, 5, 4) == 1.0 and momentum_coef(0.9, 5, 3) == pytest.approx(1.9)
+    assert momentum_coef(0.0, 5, 0) == 1.0
+    epochs = torch.arange(4.0)[:, None]
+    assert [(m.step, float(m.target), m.weight) for m in obj.matches(epochs)] == [
+        (6, 1.0, pytest.approx(1 / 3)),
+        (12, 2.0, pytest.approx(2 / 3)),
+        (20, 3.0, 1.0),
+    ]
+    theta0 = obj.endpoints(obj.experts.snapshots, 0, torch.zeros((), dtype=torch.float64))[0]
+    moved = obj.perturbed(theta0, rng()) != theta0
+    offset = 0
+    for p in obj.net.parameters():
+        assert bool(moved[offset : offset + p.numel()].any()) == (p.ndim == 4)
+        offset += p.numel()
+    assert torch.equal(obj.perturbed(theta0, rng()), obj.perturbed(theta0, rng()))
 
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))

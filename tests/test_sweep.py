@@ -17,7 +17,7 @@ from ld3m.errors import ConfigError
 from ld3m.hpc import jobs
 from ld3m.hpc.status import format_status, sweep_status
 from ld3m.hpc.submit import Stage, plan, slurm_parameters, submit_sweep
-from ld3m.hpc.sweep import SlurmSpec, expand, grids, load_sweep
+from ld3m.hpc.sweep import SlurmSpec, eval_tasks, expand, grids, load_sweep
 from tests.test_datasets import make_tree
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -224,3 +224,16 @@ def test_a_list_of_grids_joins_their_runs(tmp_path: Path) -> None:
     spec, where = load_sweep(write_sweep(tmp_path, grid=duplicate))
     with pytest.raises(ConfigError, match="same config"):
         expand(spec, where)
+
+
+def test_more_architectures_only_for_the_named_methods_and_ipcs(tmp_path: Path) -> None:
+    more = [{"methods": ["pixel_dm", "random_real"], "ipcs": [1], "archs": ["ConvNetD4", "MLP"]}]
+    spec, where = load_sweep(write_sweep(tmp_path, eval={"archs": ["ConvNetD3"], "seeds": [0],
+                                                         "more": more}))  # fmt: skip
+    runs = expand(spec, where)
+    tasks = {r.name.split("-")[1]: eval_tasks(spec, r) for r in runs}
+    assert tasks["dm"] == [("ConvNetD3", 0), ("ConvNetD4", 0), ("MLP", 0)]
+    assert tasks["mtt"] == [("ConvNetD3", 0)]  # pixel_mtt is not named
+    assert tasks["real_ipc"] == [("ConvNetD3", 0), ("ConvNetD4", 0), ("MLP", 0)]
+    with pytest.raises(ConfigError, match=r"unknown config key 'eval\.more\.arch'"):
+        load_sweep(write_sweep(tmp_path, eval={"more": [{"arch": ["MLP"]}]}))

@@ -174,6 +174,8 @@ def unknown_key_message(key: str, valid: list[str], section: str, source: str) -
 
 def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     """Check `value` against type `hint`, converting where lossless (int->float, list->tuple)."""
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key + ".", source)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (Union, types.UnionType):
@@ -243,7 +245,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         if dataclasses.is_dataclass(value):
             out[f.name] = to_dict(value)
         elif isinstance(value, tuple):
-            out[f.name] = list(value)
+            out[f.name] = [to_dict(v) if dataclasses.is_dataclass(v) else v for v in value]
         else:
             out[f.name] = value
     return out

@@ -145,7 +145,17 @@ class ExpertsConfig:
     momentum: float = 0.0
     """SGD momentum (0 in MTT)."""
     weight_decay: float = 0.0
-    """SGD weight decay (0 in MTT)."""
+    """SGD weight decay (0 in MTT; AST 1e-3 with momentum 0.9, lr 0.003)."""
+    lr_milestone: int = 0
+    """From this epoch (0-based) on the learning rate is lr x lr_gamma (0 = constant; AST: 26)."""
+    lr_gamma: float = 1.0
+    """Learning-rate factor after lr_milestone (AST: 0.6)."""
+    loss_scale_epochs: int = 0
+    """AST's clipping loss: CE x (0.5 + 0.5 e / K) in epochs e < K, then CE (AST: K = 10,
+    i.e. 0.50, 0.55, ..., 0.95; 0 = off)."""
+    grad_penalty: float = 0.0
+    """AST's input-gradient penalty weight: + w mean over pixels of (|d sum_k f_k(x) / dx|_2 - 1)^2,
+    norm over channels, on the unaugmented batch (AST: 2; 0 = off)."""
     batch: int = 256
     """Minibatch size."""
     dsa: bool = True
@@ -172,13 +182,33 @@ class MTTConfig:
     """SGD learning rate of alpha."""
     min_lr: float = 1e-8
     """alpha is clamped to at least this after each step (kept positive)."""
+    student_momentum: float = 0.0
+    """AST: heavy-ball momentum mu of the student's steps (b = mu b + g; AST 0.9, MTT 0)."""
+    balanced_loss: bool = False
+    """AST: the student's CE x log5(t - h + 8) for start epochs t >= h = max_start_epoch // 2,
+    CE / log5(h - t + 8) below (balances early and late starts)."""
+    intermediate: Literal["off", "equal", "adaptive"] = "off"
+    """AST: also match the student after floor(N/M) i steps to expert epoch start + i, i < M,
+    weighted 1 (equal) or i/M (adaptive)."""
+    perturb: float = 0.0
+    """AST: perturb the student's start, each conv weight W += perturb (d/|d|_F) W with
+    d ~ N(0, I) (AST: 1; 0 = off)."""
+
+
+@dataclass(frozen=True)
+class DCCConfig:
+    """DCC: contrastive gradient matching (objective `dcc`)."""
+
+    warmup: float = 0.25
+    """Fraction of distill.iterations that use DC's class-wise loss before the contrastive one
+    (DCC's bi-level warm-up: 250 of 1000 outer iterations; ld3m's DC has no inner loop)."""
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """The distillation loop."""
 
-    objective: Literal["dc", "dm", "mtt"] = "dm"
+    objective: Literal["dc", "dcc", "dm", "mtt"] = "dm"
     """Matching objective: gradient (dc), distribution (dm) or trajectory (mtt) matching."""
     space: Literal["latent", "pixel"] = "latent"
     """`latent`: LD3M (Z and c through the prior's generator); `pixel`: the images themselves."""
@@ -190,8 +220,10 @@ class DistillConfig:
     """Learning rate of Z and c (or pixels); None = the objective's default from the notes."""
     momentum: float = 0.5
     """SGD momentum of Z and c (or pixels)."""
-    init: Literal["real", "noise"] = "real"
-    """Initialise from encoded random real images of each class, or from Gaussian noise."""
+    init: Literal["real", "noise", "kmeans"] = "real"
+    """Initialise from (encoded) random real images of each class, Gaussian noise, or the
+    representative real images (AST: nearest to k = ipc k-means centroids of an expert's
+    logits per class; needs experts, i.e. MTT)."""
     arch: str = "ConvNet"
     """Network matched on (fresh random each iteration for DC/DM; the experts' for MTT)."""
     batch_real: int = 256
@@ -201,6 +233,7 @@ class DistillConfig:
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     """DSA families."""
     mtt: MTTConfig = field(default_factory=MTTConfig)
+    dcc: DCCConfig = field(default_factory=DCCConfig)
     """MTT settings."""
     nan_patience: int = 5
     """Abort after this many consecutive non-finite losses (each one skips its step)."""

@@ -23,10 +23,11 @@ from ld3m.checkpoint import CheckpointManager
 from ld3m.config.schema import Config
 from ld3m.data.datasets import RealDataset
 from ld3m.distill.objectives import MatchingObjective, build_objective
-from ld3m.distill.synthetic import build_synthetic_set
+from ld3m.distill.synthetic import build_synthetic_set, expert_logits
 from ld3m.errors import ConfigError, Interrupted, TrainingError
 from ld3m.generator.backward import generate_and_backward, resolve_scheme
 from ld3m.generator.ldm import LD3MGenerator, draw_noise
+from ld3m.methods import method_name
 from ld3m.parallel import Parallel, SyncedOptimizer, setup_parallel
 from ld3m.paths import STATE_FILE, RunPaths
 from ld3m.prior.model import Prior
@@ -39,9 +40,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LR = {  # (space, objective) -> lr of Z and c, or of the pixels (method notes, 11.1)
     ("latent", "dc"): 0.1,
+    ("latent", "dcc"): 0.1,
     ("latent", "dm"): 1.0,
     ("latent", "mtt"): 500.0,  # LD3M's 1000 was applied to TESLA's halved gradient
     ("pixel", "dc"): 0.1,
+    ("pixel", "dcc"): 0.1,  # DCC's image lr, as DC's
     ("pixel", "dm"): 1.0,
     ("pixel", "mtt"): 1000.0,
 }
@@ -85,8 +88,9 @@ class Distiller:
         learns_lr = d.objective == "mtt"
         if prior is not None:
             prior = prior.to(self.par.device)
+        embed = expert_logits(d.arch, experts, info) if d.init == "kmeans" else None
         self.synset = build_synthetic_set(
-            data, d.space, d.ipc, d.init, d.seed, d.mtt.lr_init if learns_lr else None, prior
+            data, d.space, d.ipc, d.init, d.seed, d.mtt.lr_init if learns_lr else None, prior, embed
         ).to(self.par.device)
         self.generator = None
         if d.space == "latent":
@@ -148,7 +152,7 @@ class Distiller:
 
         def surrogate(images: torch.Tensor) -> torch.Tensor:
             """Scalar whose gradient w.r.t. `images` is the objective's image gradient."""
-            out = self.objective.image_grad(images.detach(), labels, syn_lr, rng)
+            out = self.objective.image_grad(images.detach(), labels, syn_lr, rng, self.state.step)
             result["out"] = out
             return (images * out.grad.to(images)).sum()
 
@@ -398,16 +402,6 @@ def run_distillation(cfg: Config, resume: bool = True) -> Path:
             return distiller.run(tracker, resume=resume, stop=stop)
     finally:
         tracker.close()
-
-
-def method_name(cfg: Config) -> str:
-    """The method label of a run's sets and table rows: `pixel_dm`, `ld3m_dm`, and for LD3M
-    with another skip mode than the released one `ld3m_dm_<skip>` (e.g. the autoencoder-only
-    ablation `ld3m_dm_autoencoder`)."""
-    d, skip = cfg.distill, cfg.generator.skip
-    if d.space == "pixel":
-        return f"pixel_{d.objective}"
-    return f"ld3m_{d.objective}" + ("" if skip == "released" else f"_{skip}")
 
 
 def flat_config(cfg: Config, sections: tuple[str, ...]) -> dict[str, object]:

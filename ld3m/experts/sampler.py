@@ -61,6 +61,11 @@ class ExpertSampler:
         self._experts = list(experts)
 
     @property
+    def ids(self) -> list[int]:
+        """Expert ids this sampler draws from, ascending."""
+        return list(self._experts)
+
+    @property
     def per_pass(self) -> int:
         """Experts this rank gets per pass."""
         return len(self._experts) // self.world

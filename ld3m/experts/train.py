@@ -1,12 +1,15 @@
 """Train expert networks on the real data and record their trajectories (MTT's buffer.py).
 
-An expert is a fresh network (initialised from its seed) trained with plain SGD at a constant
-learning rate, batch `experts.batch`, DSA with per-sample draws, cross entropy, reshuffled every
-epoch. Its trajectory is the flat parameter vector after init and after every epoch.
+An expert is a fresh network (initialised from its seed) trained with SGD (MTT: plain, constant
+learning rate), batch `experts.batch`, DSA with per-sample draws, cross entropy, reshuffled every
+epoch. Its trajectory is the flat parameter vector after init and after every epoch. AST's
+smoother experts are options: momentum and weight decay, a step in the learning rate
+(`lr_milestone`, `lr_gamma`), the clipping loss (CE scaled up from 0.5 over the first
+`loss_scale_epochs`) and the input-gradient penalty (`grad_penalty`).
 
-`experts.keep_epochs = K > 0` trains only K epochs: with a constant learning rate and one random
-stream consumed epoch by epoch, snapshots 0..K are identical to those of a longer run, so the
-later epochs would be thrown away anyway (tested).
+`experts.keep_epochs = K > 0` trains only K epochs: every schedule is a function of the epoch and
+one random stream is consumed epoch by epoch, so snapshots 0..K are identical to those of a
+longer run and the later epochs would be thrown away anyway (tested).
 
 `ld3m experts --shard i/n` trains experts i, i+n, i+2n, ... (< experts.num) and writes them as
 one shard; a complete shard is skipped, so a requeued or rerun array task does nothing twice.
@@ -18,12 +21,12 @@ import argparse
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ld3m.config.schema import Config, ExpertsConfig
 from ld3m.data.augment import DEFAULT_STRATEGY, DiffAugment
@@ -58,6 +61,9 @@ def check_experts_config(cfg: ExpertsConfig) -> None:
         raise ConfigError(f"experts.keep_epochs={cfg.keep_epochs} is negative; use 0 to keep all")
     if not cfg.lr > 0:
         raise ConfigError(f"experts.lr={cfg.lr} must be positive (MTT uses 0.01)")
+    for key in ("lr_milestone", "loss_scale_epochs", "grad_penalty"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"experts.{key}={getattr(cfg, key)} must be >= 0 (0 = off)")
 
 
 def trained_epochs(cfg: ExpertsConfig) -> int:
@@ -93,11 +99,43 @@ def train_expert(
     epochs = trained_epochs(cfg)
     net.train()
     for epoch in progress(range(1, epochs + 1), progress_mode, desc=f"expert seed {seed}"):
-        _train_epoch(net, optimizer, data, cfg.batch, augment, gen, f"seed {seed} epoch {epoch}")
+        e = epoch - 1
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * (cfg.lr_gamma if 0 < cfg.lr_milestone <= e else 1.0)
+        loss_fn = ExpertLoss(loss_scale(cfg, e), cfg.grad_penalty)
+        _train_epoch(net, optimizer, data, cfg.batch, augment, gen, loss_fn,
+                     f"seed {seed} epoch {epoch}")  # fmt: skip
         snapshots.append(flatten_params(net))
         accs.append(expert_accuracy(net, data))
         log.info("expert seed %d epoch %d/%d test_acc %.4f", seed, epoch, epochs, accs[-1])
     return Trajectory(torch.stack(snapshots), accs, cfg.arch, seed)
+
+
+def loss_scale(cfg: ExpertsConfig, epoch: int) -> float:
+    """AST's clipping-loss factor of 0-based `epoch`: 0.5 + 0.5 e / K below K, then 1."""
+    k = cfg.loss_scale_epochs
+    return 0.5 + 0.5 * epoch / k if epoch < k else 1.0
+
+
+@dataclass(frozen=True)
+class ExpertLoss:
+    """scale x CE on the augmented batch, plus AST's input-gradient penalty on the clean one."""
+
+    scale: float = 1.0
+    penalty: float = 0.0
+
+    def __call__(self, net: nn.Module, x_aug: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        loss = self.scale * F.cross_entropy(net(x_aug), y)
+        if self.penalty:
+            loss = loss + self.penalty * input_grad_penalty(net, x)
+        return loss
+
+
+def input_grad_penalty(net: nn.Module, x: Tensor) -> Tensor:
+    """mean over (b, h, w) of (|d sum_k f_k(x_b) / d x_b[:, h, w]|_2 - 1)^2 (a graph to net)."""
+    x = x.detach().requires_grad_(True)
+    g = torch.autograd.grad(net(x).sum(), x, create_graph=True)[0]
+    return (g.norm(dim=1) - 1).square().mean()
 
 
 def _train_epoch(
@@ -107,13 +145,14 @@ def _train_epoch(
     batch: int,
     augment: DiffAugment,
     gen: torch.Generator,
+    loss_fn: ExpertLoss,
     where: str,
 ) -> None:
     """One shuffled pass over the real train split (normalised per batch, DSA per sample)."""
     order = torch.randperm(len(data.train_labels), generator=gen)
     for idx in order.split(batch):
-        x = augment(data.normalize(data.train_images[idx]), generator=gen)
-        loss = F.cross_entropy(net(x), data.train_labels[idx])
+        clean = data.normalize(data.train_images[idx])
+        loss = loss_fn(net, augment(clean, generator=gen), clean, data.train_labels[idx])
         if not torch.isfinite(loss):
             raise TrainingError(f"expert {where}: loss became {loss.item()}; lower experts.lr")
         optimizer.zero_grad(set_to_none=True)

@@ -184,10 +184,12 @@ def run_in_waves(ex: submitit.Executor, tasks: Sequence[tuple[Any, ...]],
 def run_queue(ex: submitit.Executor, stage: Stage, queue: Path, width: int,
               progress: str) -> list[submitit.Job]:  # fmt: skip
     """Local: `width` worker processes share the stage's tasks (one process start per worker,
-    not per task); returns, per task, the job of the worker that ran it."""
+    not per task; never more workers than cores); returns, per task, the job of the worker that
+    ran it."""
     shutil.rmtree(queue, ignore_errors=True)  # claims of an earlier submission
-    width = max(1, min(width, len(stage.tasks)))
-    threads = max(1, len(os.sched_getaffinity(0)) // width)
+    cores = len(os.sched_getaffinity(0))
+    width = max(1, min(width, len(stage.tasks), cores))
+    threads = max(1, cores // width)
     workers = [ex.submit(StageJob(), "queue", str(queue), w, stage.tasks, threads)
                for w in range(width)]  # fmt: skip
     done = queue / "done"

@@ -8,7 +8,11 @@
       distill.ipc: [1, 10]
     # or a list of such grids, whose runs are joined (e.g. a main grid plus an ablation):
     # grid: [{distill.objective: [dm, mtt]}, {generator.skip: [autoencoder]}]
-    eval: {archs: [ConvNet, ResNet18], seeds: [0, 1]}
+    eval:
+      archs: [ConvNet, ResNet18]
+      seeds: [0, 1]
+      more:                            # extra architectures for some methods/IPCs only
+        - {methods: [random_real, pixel_dm, ld3m_dm], ipcs: [10], archs: [ViT]}
     train_prior: true                  # train the base config's prior once, before everything
     slurm: {partition: gpu, time_min: 240, gpus_per_node: 1, tasks_per_node: 1}
 
@@ -39,6 +43,7 @@ from ld3m.config.io import (
 )
 from ld3m.config.schema import Config
 from ld3m.errors import ConfigError
+from ld3m.methods import method_name
 from ld3m.paths import RunPaths
 
 MANIFEST = "manifest.json"
@@ -80,6 +85,22 @@ class SlurmSpec:
 
 
 @dataclass(frozen=True)
+class EvalMore:
+    """Architectures evaluated only on the sets of some methods and IPCs (e.g. the costly
+    unseen architectures on the rows a study's targets compare)."""
+
+    methods: tuple[str, ...] = ()
+    """Method labels as in the tables (`ld3m_dm`, `pixel_dm`, `random_real`; empty: all)."""
+    ipcs: tuple[int, ...] = ()
+    """IPCs (empty: all)."""
+    archs: tuple[str, ...] = ()
+    """Architectures added for the matching runs."""
+
+    def matches(self, method: str, ipc: int) -> bool:
+        return (not self.methods or method in self.methods) and (not self.ipcs or ipc in self.ipcs)
+
+
+@dataclass(frozen=True)
 class SweepEval:
     """The cross-architecture evaluation array: final set x architecture x seed."""
 
@@ -87,6 +108,8 @@ class SweepEval:
     """Architectures (empty: the run config's eval.archs)."""
     seeds: tuple[int, ...] = ()
     """Evaluation seeds (empty: eval.seed .. eval.seed + eval.runs - 1 of the run config)."""
+    more: tuple[EvalMore, ...] = ()
+    """Further architectures for the runs of some methods and IPCs only."""
 
 
 @dataclass(frozen=True)
@@ -272,9 +295,20 @@ def write_configs(runs: list[RunSpec]) -> None:
 def eval_tasks(spec: SweepSpec, run: RunSpec) -> list[tuple[str, int]]:
     """(architecture, seed) pairs of a run's evaluation."""
     e = run.cfg.eval
-    archs = spec.eval.archs or e.archs
+    archs = list(spec.eval.archs or e.archs)
+    method, ipc = run_method(run)
+    for more in spec.eval.more:
+        if more.matches(method, ipc):
+            archs += [a for a in more.archs if a not in archs]
     seeds = spec.eval.seeds or tuple(range(e.seed, e.seed + e.runs))
     return [(a, s) for a in archs for s in seeds]
+
+
+def run_method(run: RunSpec) -> tuple[str, int]:
+    """(method label, IPC) of a run's evaluated set, as its table row names them."""
+    if run.kind == "baseline":
+        return "random_real", run.cfg.baseline.ipc
+    return method_name(run.cfg), run.cfg.distill.ipc
 
 
 def write_manifest(root: Path, spec: SweepSpec, runs: list[RunSpec], jobs: dict[str, Any]) -> Path:

@@ -1,4 +1,4 @@
-"""Matching objectives (DC, DM, MTT): image gradients for the distillation loop.
+"""Matching objectives (DC, DCC, DM, MTT): image gradients for the distillation loop.
 
 `build_objective(cfg, data, ...)` returns a `MatchingObjective` whose
 `image_grad(images, labels, syn_lr, rng)` gives the loss and d loss / d images; the loop
@@ -14,13 +14,22 @@ from typing import Any
 from ld3m.config.schema import DistillConfig
 from ld3m.data.datasets import RealDataset
 from ld3m.distill.objectives.base import MatchingObjective, ObjectiveOutput
-from ld3m.distill.objectives.dc import GradientMatching, distance_wb
+from ld3m.distill.objectives.dc import (
+    ContrastiveGradientMatching,
+    GradientMatching,
+    distance_wb,
+)
 from ld3m.distill.objectives.dm import DistributionMatching
 from ld3m.distill.objectives.mtt import ExpertSource, Trajectory, TrajectoryMatching
 from ld3m.errors import ConfigError
 
 OBJECTIVES: Mapping[str, type] = MappingProxyType(
-    {"dc": GradientMatching, "dm": DistributionMatching, "mtt": TrajectoryMatching}
+    {
+        "dc": GradientMatching,
+        "dcc": ContrastiveGradientMatching,
+        "dm": DistributionMatching,
+        "mtt": TrajectoryMatching,
+    }
 )
 
 
@@ -48,6 +57,7 @@ def build_objective(
 
 __all__ = [
     "OBJECTIVES",
+    "ContrastiveGradientMatching",
     "DistributionMatching",
     "ExpertSource",
     "GradientMatching",

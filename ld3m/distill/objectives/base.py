@@ -50,16 +50,22 @@ class MatchingObjective(Protocol):
     """A distillation loss that returns its gradient with respect to the synthetic images."""
 
     name: str
-    """Registry name ('dc', 'dm', 'mtt')."""
+    """Registry name ('dc', 'dcc', 'dm', 'mtt')."""
     uses_experts: bool
     """True if the objective reads expert trajectories."""
     learns_lr: bool
     """True if the objective returns a gradient for a learnable step size."""
 
     def image_grad(
-        self, images: Tensor, labels: Tensor, syn_lr: Tensor | None, rng: torch.Generator
+        self,
+        images: Tensor,
+        labels: Tensor,
+        syn_lr: Tensor | None,
+        rng: torch.Generator,
+        iteration: int = 0,
     ) -> ObjectiveOutput:
-        """Loss and d loss / d images for detached normalised images [N,C,H,W], labels [N]."""
+        """Loss and d loss / d images for detached normalised images [N,C,H,W], labels [N] at
+        distillation step `iteration` (objectives with a schedule read it)."""
         ...
 
 

@@ -1,4 +1,5 @@
-"""DC: gradient matching (Zhao et al.), as used by GLaD and LD3M (method notes section 6.1).
+"""DC: gradient matching (Zhao et al.), as used by GLaD and LD3M (method notes section 6.1), and
+its contrastive variant DCC (Lee et al. 2022, seed-methods notes section 1).
 
 A fresh random network per call (never trained: outer_loop = inner_loop = 1). For each class,
 the gradient of the cross-entropy on a real batch is matched to the one on the class's
@@ -8,8 +9,14 @@ The research code averages g_real over two halves of the real batch; with per-sa
 (instance norm, the default) and one Siamese DSA draw for the batch that equals the gradient on
 the whole batch, which is what is computed here.
 
-Draws from `rng`, in order: the network seed, then per class (increasing label): the real
-batch, the DSA seed.
+DCC matches ONE gradient: that of the mean cross-entropy over the whole synthetic set (each
+class's images augmented with that class's DSA draw and passed through the network together)
+against the class-average of the real per-class gradients, so the classes contrast. Its
+bi-level warm-up uses DC's class-wise loss for the first `distill.dcc.warmup` of the
+iterations (ld3m's DC, as GLaD's and LD3M's, has no inner loop, so only the outer warm-up acts).
+
+Draws from `rng`, in order (DC and DCC alike): the network seed, then per class (increasing
+label): the real batch, the DSA seed.
 """
 
 from __future__ import annotations
@@ -52,7 +59,12 @@ class GradientMatching(FreshNetworkObjective):
     name = "dc"
 
     def image_grad(
-        self, images: Tensor, labels: Tensor, syn_lr: Tensor | None, rng: torch.Generator
+        self,
+        images: Tensor,
+        labels: Tensor,
+        syn_lr: Tensor | None,
+        rng: torch.Generator,
+        iteration: int = 0,
     ) -> ObjectiveOutput:
         """Sum over classes of the gradient-matching distance and its gradient [N,C,H,W]."""
         net = self.fresh_network(rng, images)
@@ -86,3 +98,45 @@ class GradientMatching(FreshNetworkObjective):
         loss_syn = F.cross_entropy(net(siamese(self.aug, syn, seed)), syn_labels)
         g_syn = torch.autograd.grad(loss_syn, params, create_graph=True)
         return match_distance(g_real, g_syn)
+
+
+class ContrastiveGradientMatching(GradientMatching):
+    """DCC: the whole synthetic set's gradient against the class-averaged real gradient (DSAC
+    with DSA: one shared draw per class), after a class-wise DC warm-up."""
+
+    name = "dcc"
+
+    def image_grad(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        syn_lr: Tensor | None,
+        rng: torch.Generator,
+        iteration: int = 0,
+    ) -> ObjectiveOutput:
+        """The contrastive distance and its gradient [N,C,H,W] (DC's during the warm-up)."""
+        if iteration < round(self.cfg.dcc.warmup * self.cfg.iterations):
+            out = super().image_grad(images, labels, syn_lr, rng, iteration)
+            out.stats["contrastive"] = 0.0
+            return out
+        net = self.fresh_network(rng, images)
+        params = [p for p in net.parameters() if p.requires_grad]
+        syn = images.detach().requires_grad_(True)
+        g_real: list[Tensor] = [torch.zeros_like(p) for p in params]
+        views, order = [], []
+        groups = class_indices(labels)
+        with torch.enable_grad():
+            for c, idx in groups:
+                real = self.data.images_of_class(c, self.cfg.batch_real, rng).to(images)
+                seed = draw_seed(rng)
+                real_labels = labels[idx[:1]].expand(real.shape[0])
+                loss_real = F.cross_entropy(net(siamese(self.aug, real, seed)), real_labels)
+                for acc, g in zip(g_real, torch.autograd.grad(loss_real, params), strict=True):
+                    acc += g.detach() / len(groups)
+                views.append(siamese(self.aug, syn[idx], seed))
+                order.append(idx)
+            loss_syn = F.cross_entropy(net(torch.cat(views)), labels[torch.cat(order)])
+            g_syn = torch.autograd.grad(loss_syn, params, create_graph=True)
+            loss = match_distance(g_real, g_syn)
+            grad = torch.autograd.grad(loss, syn)[0]
+        return ObjectiveOutput(float(loss.detach()), grad, None, {"contrastive": 1.0})

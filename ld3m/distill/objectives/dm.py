@@ -28,7 +28,12 @@ class DistributionMatching(FreshNetworkObjective):
     name = "dm"
 
     def image_grad(
-        self, images: Tensor, labels: Tensor, syn_lr: Tensor | None, rng: torch.Generator
+        self,
+        images: Tensor,
+        labels: Tensor,
+        syn_lr: Tensor | None,
+        rng: torch.Generator,
+        iteration: int = 0,
     ) -> ObjectiveOutput:
         """Sum over classes of the mean-embedding distance and its gradient [N,C,H,W]."""
         net = self.fresh_network(rng, images).requires_grad_(False)

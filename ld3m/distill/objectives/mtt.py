@@ -22,6 +22,7 @@ whenever the previous one is used up, and the step's DSA seed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -88,6 +89,11 @@ def check_mtt_config(cfg: MTTConfig) -> None:
             raise ConfigError(f"distill.mtt.{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.batch_syn < 0:
         raise ConfigError(f"distill.mtt.batch_syn must be >= 0 (0 = all), got {cfg.batch_syn}")
+    if not 0.0 <= cfg.student_momentum < 1.0:
+        raise ConfigError(f"distill.mtt.student_momentum must be in [0, 1) (AST: 0.9), got "
+                          f"{cfg.student_momentum}")  # fmt: skip
+    if cfg.perturb < 0:
+        raise ConfigError(f"distill.mtt.perturb must be >= 0 (AST: 1, 0 = off), got {cfg.perturb}")
 
 
 @dataclass
@@ -97,12 +103,15 @@ class Student:
     net: nn.Module
     aug: DiffAugment | None
     labels: Tensor
+    scale: float = 1.0
+    """Factor on the student's CE (AST's balanced inner loss; 1 otherwise)."""
 
     def loss(self, theta: Tensor, x: Tensor, batch: Tensor, seed: int) -> Tensor:
         """CE of student theta [P] on DSA(x) [b,C,H,W] (draws from `seed`), labels[batch]."""
         if self.aug is not None:
             x = self.aug(x, generator=torch.Generator().manual_seed(seed))
-        return F.cross_entropy(functional_forward(self.net, theta, x), self.labels[batch])
+        ce = F.cross_entropy(functional_forward(self.net, theta, x), self.labels[batch])
+        return ce * self.scale
 
     def step_grad(
         self, theta: Tensor, x: Tensor, batch: Tensor, seed: int, create_graph: bool = False
@@ -113,32 +122,69 @@ class Student:
         )[0]
 
 
+@dataclass(frozen=True)
+class Match:
+    """One matched point: the student after `step` steps against expert parameters `target`,
+    loss weight `weight` / |theta_0 - target|^2."""
+
+    step: int
+    target: Tensor
+    weight: float = 1.0
+
+
+def momentum_coef(mu: float, n: int, j: int) -> float:
+    """c_j^(n) = (1 - mu^(n-j)) / (1 - mu): weight of g_j in theta_n = theta_0 - alpha sum c g."""
+    return 1.0 if mu == 0.0 else (1 - mu ** (n - j)) / (1 - mu)
+
+
 def tesla(
     student: Student,
     images: Tensor,
     theta0: Tensor,
-    target: Tensor,
+    matches: tuple[Match, ...],
     alpha: Tensor,
     plan: StudentPlan,
+    mu: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """TESLA: (loss, d loss/d images [N,C,H,W], d loss/d alpha) in memory constant in steps."""
-    thetas = theta0.new_empty(len(plan.batches), theta0.numel())  # one block: no fragmentation
-    theta, total = theta0, torch.zeros_like(theta0)
+    """TESLA: (loss, d loss/d images [N,C,H,W], d loss/d alpha) in memory constant in steps.
+
+    With momentum mu, theta_n = theta_0 - alpha sum_{j<n} c_j^(n) g_j (c from
+    `momentum_coef`); for each match k (step n_k, residual r_k, normaliser D_k) the images get
+    d(v_j . g_j)/dX with v_j = -alpha sum_{k: n_k > j} (2 w_k / D_k) c_j^(n_k) r_k, and alpha
+    gets -sum_k (2 w_k / D_k) r_k . G_k with G_k = sum_{j<n_k} c_j^(n_k) g_j (seed-methods
+    notes, AST's TESLA form). mu = 0 with one final match is the original estimator.
+    """
+    steps = len(plan.batches)
+    thetas = theta0.new_empty(steps, theta0.numel())  # one block: no fragmentation
+    theta, buf, total = theta0, torch.zeros_like(theta0), torch.zeros_like(theta0)
+    at_step = {}  # step -> G (sum of applied momentum buffers so far)
     for i, (batch, seed) in enumerate(zip(plan.batches, plan.aug_seeds, strict=True)):
         thetas[i] = theta
         leaf = theta.detach().requires_grad_(True)
         g = student.step_grad(leaf, images[batch].detach(), batch, seed)
-        total += g
-        theta = theta - alpha * g
-    dist0 = (theta0 - target).square().sum()
-    end = theta0 - alpha * total - target
-    loss = end.square().sum() / dist0
-    v = (-2.0 * alpha / dist0) * end  # dL/dG = (2/D)(alpha^2 G + alpha (theta* - theta_0))
-    lr_grad = (-2.0 / dist0) * torch.dot(total, end)
+        buf = mu * buf + g if mu else g
+        total += buf
+        theta = theta - alpha * buf
+        at_step[i + 1] = total.clone() if any(m.step == i + 1 for m in matches) else None
+    loss = theta0.new_zeros(())
+    lr_grad = theta0.new_zeros(())
+    coefs = []  # (step n_k, 2 w_k / D_k, r_k)
+    for m in matches:
+        G = at_step[m.step]
+        dist0 = (theta0 - m.target).square().sum()
+        r = theta0 - alpha * G - m.target
+        loss = loss + m.weight * r.square().sum() / dist0
+        lr_grad = lr_grad - (2.0 * m.weight / dist0) * torch.dot(G, r)
+        coefs.append((m.step, 2.0 * m.weight / dist0, r))
     grad = torch.zeros_like(images)
-    for theta_i, batch, seed in zip(thetas, plan.batches, plan.aug_seeds, strict=True):
+    for j, (theta_j, batch, seed) in enumerate(
+        zip(thetas, plan.batches, plan.aug_seeds, strict=True)
+    ):
+        v = sum(-alpha * w * momentum_coef(mu, n, j) * r for n, w, r in coefs if n > j)
+        if not torch.is_tensor(v):
+            continue  # no match after this step
         x = images[batch].detach().requires_grad_(True)
-        g = student.step_grad(theta_i.detach().requires_grad_(True), x, batch, seed, True)
+        g = student.step_grad(theta_j.detach().requires_grad_(True), x, batch, seed, True)
         grad.index_add_(0, batch, torch.autograd.grad(torch.dot(g, v), x)[0])
     return loss, grad, lr_grad
 
@@ -147,17 +193,25 @@ def unroll(
     student: Student,
     images: Tensor,
     theta0: Tensor,
-    target: Tensor,
+    matches: tuple[Match, ...],
     alpha: Tensor,
     plan: StudentPlan,
+    mu: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Full unroll: exact (loss, d loss/d images, d loss/d alpha), memory linear in steps."""
     x_all = images.detach().requires_grad_(True)
     a = alpha.detach().clone().requires_grad_(True)
     theta = theta0.detach().requires_grad_(True)
-    for batch, seed in zip(plan.batches, plan.aug_seeds, strict=True):
-        theta = theta - a * student.step_grad(theta, x_all[batch], batch, seed, True)
-    loss = (theta - target).square().sum() / (theta0 - target).square().sum()
+    buf = torch.zeros_like(theta0)
+    loss = theta0.new_zeros(())
+    for i, (batch, seed) in enumerate(zip(plan.batches, plan.aug_seeds, strict=True)):
+        g = student.step_grad(theta, x_all[batch], batch, seed, True)
+        buf = mu * buf + g if mu else g
+        theta = theta - a * buf
+        for m in matches:
+            if m.step == i + 1:
+                dist0 = (theta0 - m.target).square().sum()
+                loss = loss + m.weight * (theta - m.target).square().sum() / dist0
     grad, lr_grad = torch.autograd.grad(loss, (x_all, a))
     return loss.detach(), grad, lr_grad
 
@@ -199,8 +253,9 @@ class TrajectoryMatching:
         self.where = f"{cfg.arch} for {channels}x{res}x{res} images, {num_classes} classes"
         self.aug = make_augment(cfg.dsa, cfg.dsa_strategy)
 
-    def endpoints(self, snapshots: Tensor, start: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """(theta_0, theta*) [P] from snapshots [E+1, P], on like's device and dtype."""
+    def endpoints(self, snapshots: Tensor, start: int, like: Tensor) -> Tensor:
+        """Expert epochs start .. start + expert_epochs [M+1, P] from snapshots [E+1, P], on
+        like's device and dtype."""
         epochs, need = snapshots.shape[0] - 1, self.cfg.mtt.max_start_epoch - 1
         need += self.cfg.mtt.expert_epochs
         if epochs < need:
@@ -214,12 +269,50 @@ class TrajectoryMatching:
                 f"expert snapshots are {tuple(snapshots.shape)} but {self.where} has "
                 f"{self.num_params} parameters; train experts with distill.arch's network"
             )
-        pick = snapshots[[start, start + self.cfg.mtt.expert_epochs]]
-        theta0, target = pick.to(device=like.device, dtype=like.dtype).unbind(0)
-        return theta0, target
+        pick = snapshots[start : start + self.cfg.mtt.expert_epochs + 1]
+        return pick.to(device=like.device, dtype=like.dtype)
+
+    def matches(self, epochs: Tensor) -> tuple[Match, ...]:
+        """The matched points: the final one (N steps -> epoch start + M) and, with AST's
+        intermediate matching, floor(N/M) i steps -> epoch start + i for i = 1 .. M-1."""
+        m = self.cfg.mtt
+        final = Match(m.syn_steps, epochs[-1])
+        if m.intermediate == "off":
+            return (final,)
+        M, every = m.expert_epochs, m.syn_steps // m.expert_epochs
+        weight = (lambda i: 1.0) if m.intermediate == "equal" else (lambda i: i / M)
+        middle = tuple(Match(every * i, epochs[i], weight(i)) for i in range(1, M) if every * i)
+        return (*middle, final)
+
+    def ce_scale(self, start: int) -> float:
+        """AST's balanced inner loss factor for start epoch `start` (1 when off)."""
+        if not self.cfg.mtt.balanced_loss:
+            return 1.0
+        h = self.cfg.mtt.max_start_epoch // 2
+        return math.log(start - h + 8, 5) if start >= h else 1.0 / math.log(h - start + 8, 5)
+
+    def perturbed(self, theta0: Tensor, rng: torch.Generator) -> Tensor:
+        """AST's weight perturbation of the start (theta0 itself when off): every conv weight
+        W + perturb (d/|d|_F) W, d ~ N(0, I) drawn from `rng` tensor by tensor."""
+        if self.cfg.mtt.perturb == 0.0:
+            return theta0
+        out, offset = theta0.clone(), 0
+        for p in self.net.parameters():
+            n = p.numel()
+            if p.ndim == 4:
+                d = torch.randn(n, generator=rng, dtype=torch.float64).to(theta0)
+                w = out[offset : offset + n]
+                out[offset : offset + n] = w + self.cfg.mtt.perturb * (d / d.norm()) * w
+            offset += n
+        return out
 
     def image_grad(
-        self, images: Tensor, labels: Tensor, syn_lr: Tensor | None, rng: torch.Generator
+        self,
+        images: Tensor,
+        labels: Tensor,
+        syn_lr: Tensor | None,
+        rng: torch.Generator,
+        iteration: int = 0,
     ) -> ObjectiveOutput:
         """Trajectory-matching loss, its image gradient [N,C,H,W] and its syn_lr gradient.
 
@@ -227,19 +320,20 @@ class TrajectoryMatching:
         """
         snapshots = self.experts.next().snapshots
         plan = draw_plan(rng, images.shape[0], self.cfg.mtt)
-        theta0, target = self.endpoints(snapshots, plan.start, images)
+        epochs = self.endpoints(snapshots, plan.start, images)
+        theta0, matches = self.perturbed(epochs[0], rng), self.matches(epochs)
         lr = self.cfg.mtt.lr_init if syn_lr is None else syn_lr.detach()
         alpha = torch.as_tensor(lr, dtype=images.dtype, device=images.device).reshape(())
         self.net.to(device=images.device, dtype=images.dtype)
-        student = Student(self.net, self.aug, labels.to(images.device))
+        student = Student(self.net, self.aug, labels.to(images.device), self.ce_scale(plan.start))
         with torch.enable_grad():
             loss, grad, lr_grad = ESTIMATORS[self.estimator](
-                student, images, theta0, target, alpha, plan
+                student, images, theta0, matches, alpha, plan, self.cfg.mtt.student_momentum
             )
         stats = {
             "start_epoch": float(plan.start),
             "syn_lr": float(alpha),
-            "start_dist": float((theta0 - target).square().sum()),
+            "start_dist": float((theta0 - epochs[-1]).square().sum()),
         }
         out_lr = None if syn_lr is None else lr_grad.detach().reshape(syn_lr.shape).to(syn_lr)
         return ObjectiveOutput(float(loss), grad.detach(), out_lr, stats)

@@ -1,0 +1,26 @@
+"""Method labels: how a run's sets and table rows are named."""
+
+from __future__ import annotations
+
+from ld3m.config.schema import Config
+
+
+def method_name(cfg: Config) -> str:
+    """The method label of a run's sets and table rows: `pixel_dm`, `ld3m_dcc`, `pixel_mtt_ast`
+    (MTT with any of AST's options), and for LD3M with another skip mode than the released one
+    `ld3m_dm_<skip>` (e.g. the autoencoder-only ablation `ld3m_dm_autoencoder`)."""
+    d, skip = cfg.distill, cfg.generator.skip
+    objective = d.objective + ("_ast" if uses_ast(cfg) else "")
+    if d.space == "pixel":
+        return f"pixel_{objective}"
+    return f"ld3m_{objective}" + ("" if skip == "released" else f"_{skip}")
+
+
+def uses_ast(cfg: Config) -> bool:
+    """MTT with any of AST's options: smooth experts (clipping loss, input-gradient penalty), a
+    student with momentum, the balanced loss, intermediate matching, weight perturbation or the
+    representative (k-means) initialisation."""
+    d, m, e = cfg.distill, cfg.distill.mtt, cfg.experts
+    options = (m.student_momentum, m.balanced_loss, m.intermediate != "off", m.perturb,
+               d.init == "kmeans", e.loss_scale_epochs, e.grad_penalty)  # fmt: skip
+    return d.objective == "mtt" and any(options)

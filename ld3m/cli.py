@@ -40,13 +40,13 @@ def cmd_baseline(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Train fresh networks on a synthetic set and print mean +- std per architecture."""
-    from ld3m.evaluate.harness import evaluate_set, format_summary, summarize
+    from ld3m.evaluate.harness import eval_config, evaluate_set, format_summary, summarize
     from ld3m.paths import run_of_artifact
 
     cfg = build_config(args)
     set_path = Path(args.set)
     out = Path(args.out) if args.out else run_of_artifact(set_path).eval_jsonl
-    records = evaluate_set(set_path, cfg.data, cfg.eval, out, cfg.run.progress)
+    records = evaluate_set(set_path, cfg.data, eval_config(cfg), out, cfg.run.progress)
     print(format_summary(summarize(records), cfg.eval.distill_arch))
     print(f"records: {out}")
 

@@ -209,19 +209,28 @@ class SyncedOptimizer:
         self.par.accelerator.backward(proxy)  # DeepSpeed: average, partition, step, zero
         self.zero_grad()
 
-    def clamp_(self, param: nn.Parameter, minimum: float) -> None:
-        """Keep `param` >= minimum, in DeepSpeed's fp32 master copy too."""
+    def clamp_(
+        self,
+        param: nn.Parameter,
+        minimum: float | torch.Tensor,
+        maximum: float | torch.Tensor | None = None,
+    ) -> None:
+        """Keep `param` within [minimum, maximum] (bounds broadcast), in DeepSpeed's fp32
+        master copy too."""
         with torch.no_grad():
-            if param.detach().min() >= minimum:
+            inside = bool((param.detach() >= minimum).all())
+            if maximum is not None:
+                inside = inside and bool((param.detach() <= maximum).all())
+            if inside:
                 return
             if self.engine is None:
-                param.clamp_(min=minimum)
+                param.copy_(param.clamp(min=minimum, max=maximum))
                 return
             from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
             full = safe_get_full_fp32_param(param)
-            safe_set_full_fp32_param(param, full.clamp(min=minimum))
-            param.clamp_(min=minimum)
+            safe_set_full_fp32_param(param, full.clamp(min=minimum, max=maximum))
+            param.copy_(param.clamp(min=minimum, max=maximum))
 
     def state_dict(self) -> dict[str, Any]:
         """Optimiser state for the rank-0 checkpoint file (empty under ZeRO: see save_sharded)."""

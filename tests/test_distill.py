@@ -16,10 +16,11 @@ from ld3m.data.datasets import DatasetInfo, RealDataset
 from ld3m.distill import loop
 from ld3m.distill.loop import Distiller
 from ld3m.distill.objectives import OBJECTIVES
-from ld3m.errors import ConfigError, TrainingError
+from ld3m.errors import ConfigError, Interrupted, TrainingError
 from ld3m.experts.sampler import ExpertSampler
 from ld3m.experts.store import ExpertStore
 from ld3m.experts.train import expert_spec, train_expert
+from ld3m.methods import EXPERT_OBJECTIVES
 from ld3m.tracking import NullTracker, Tracker
 from tests.conftest import make_tiny_prior
 
@@ -47,23 +48,34 @@ def make_cfg(tmp_path: Path, *overrides: str) -> Config:
     return load_config(None, [*base, *overrides])
 
 
-def tiny_experts(tmp_path: Path, data: RealDataset) -> Path:
-    cfg = load_config(None, ["experts.epochs=3", "experts.batch=12", "experts.arch=ConvNetD3"])
+def tiny_experts(tmp_path: Path, data: RealDataset, arch: str = "ConvNetD3") -> Path:
+    cfg = load_config(None, ["experts.epochs=3", "experts.batch=12", f"experts.arch={arch}"])
     store = ExpertStore(tmp_path / "experts")
     trajectories = [
         dataclasses.replace(train_expert(data, cfg.experts, seed=k, progress_mode="off"), expert=k)
         for k in range(2)
     ]
-    store.write_shard(0, 1, trajectories, expert_spec("ConvNetD3", data.info))
+    store.write_shard(0, 1, trajectories, expert_spec(arch, data.info))
     return store.root
 
 
 def build(cfg: Config, data: RealDataset) -> Distiller:
     prior = make_tiny_prior() if cfg.distill.space == "latent" else None
     experts = None
-    if cfg.distill.objective == "mtt":
+    if cfg.distill.objective in EXPERT_OBJECTIVES:
         experts = ExpertSampler(ExpertStore(Path(cfg.experts.dir)), seed=cfg.distill.seed)
     return Distiller(cfg, data, prior, experts)
+
+
+class StopAfter:
+    """A stop flag that is raised once the distiller has taken `steps` steps."""
+
+    def __init__(self, distiller: Distiller, steps: int) -> None:
+        self.distiller, self.steps = distiller, steps
+
+    @property
+    def requested(self) -> bool:
+        return self.distiller.state.step >= self.steps
 
 
 AST = [
@@ -81,6 +93,8 @@ CASES = [
     ("dm", "latent"),
     ("mtt", "latent"),
     ("mtt_ast", "latent"),
+    ("sre2l", "pixel"),
+    ("sre2l", "latent"),
 ]
 
 
@@ -88,22 +102,26 @@ CASES = [
 def test_resume_equals_uninterrupted_run(tmp_path: Path, objective: str, space: str) -> None:
     data = toy_data()
     extra = [f"distill.space={space}", "distill.mtt.syn_steps=2", "distill.mtt.expert_epochs=1",
-             "distill.mtt.max_start_epoch=2", "distill.dcc.warmup=0.3"]  # fmt: skip
-    # (DCC warm-up 0.3: one class-wise iteration both at 2 and at 4 iterations)
+             "distill.mtt.max_start_epoch=2", "distill.dcc.warmup=0.5"]  # fmt: skip
     if objective == "mtt_ast":
         objective, extra = "mtt", [*extra, *AST, "distill.mtt.expert_epochs=2"]
     extra.append(f"distill.objective={objective}")
     if objective == "mtt":
         extra.append(f"experts.dir={tiny_experts(tmp_path, data)}")
+    if objective == "sre2l":  # SRe2L's optimiser and schedule; the teacher is a BN expert
+        extra += [f"experts.dir={tiny_experts(tmp_path, data, 'ConvNetBN')}",
+                  "distill.optimizer=adam", "distill.lr_schedule=cosine",
+                  "distill.sre2l.curriculum=cosine"]  # fmt: skip
     full_cfg = make_cfg(tmp_path / "full", *extra)
     full = build(full_cfg, data)
     full.run(NullTracker())
 
-    # Interrupted: stop after 2 iterations (checkpoint at 2), then a fresh process resumes.
+    # Interrupted: a stop request after 2 iterations (checkpoint at 2), as a preemption signal
+    # makes it, then a fresh process resumes with the same config.
     part_cfg = make_cfg(tmp_path / "part", *extra)
-    first = build(dataclasses.replace(part_cfg, distill=dataclasses.replace(
-        part_cfg.distill, iterations=2)), data)  # fmt: skip
-    first.run(NullTracker())
+    first = build(part_cfg, data)
+    with pytest.raises(Interrupted, match="step 2"):
+        first.run(NullTracker(), stop=StopAfter(first, 2))
     second = build(part_cfg, data)
     second.run(NullTracker())
     assert second.state.step == full.state.step == 4
@@ -223,6 +241,8 @@ def test_method_names_tell_spaces_objectives_and_ablations_apart() -> None:
     assert name("distill.objective=mtt", "distill.mtt.perturb=1") == "ld3m_mtt_ast"
     assert name("distill.objective=mtt", "experts.grad_penalty=2") == "ld3m_mtt_ast"
     assert name("distill.objective=dm", "distill.mtt.perturb=1") == "ld3m_dm"
+    assert name("distill.space=pixel", "distill.objective=sre2l") == "pixel_sre2l"
+    assert name("distill.objective=sre2l", "distill.sre2l.curriculum=cosine") == "ld3m_cda"
 
 
 def test_kmeans_init_takes_the_real_image_nearest_each_centroid() -> None:
@@ -247,3 +267,36 @@ def test_kmeans_init_takes_the_real_image_nearest_each_centroid() -> None:
     assert bool(((brightness[:, 0] - brightness[:, 1]).abs() > 0.5).all())
     with pytest.raises(ConfigError, match="kmeans"):
         build_synthetic_set(dark, "pixel", 2, "kmeans", 0, None)
+
+
+def test_sre2l_pixels_stay_valid_and_the_teacher_has_population_statistics(
+    tmp_path: Path,
+) -> None:
+    """The loaded teacher's first BN layer holds the mean of its input over the real train
+    split; SRe2L's pixel steps keep the images inside the data's valid range."""
+    from ld3m.models.functional import load_flat
+    from ld3m.models.networks import build_network
+    from ld3m.models.teacher import bn_layers, load_teacher
+
+    data = toy_data()
+    buffer = tiny_experts(tmp_path, data, "ConvNetBN")
+    teacher = load_teacher(buffer, data)
+    last = ExpertSampler(ExpertStore(buffer), seed=0).load(0).snapshots[-1]
+    net = load_flat(build_network("ConvNetBN", 3, 3, 16), last)
+    x, _ = data.train_tensors()
+    first_conv = net.features[0]
+    expected = first_conv(x).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(bn_layers(teacher)[0].running_mean, expected, rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    cfg = make_cfg(tmp_path, "distill.space=pixel", "distill.objective=sre2l",
+                   f"experts.dir={buffer}", "distill.optimizer=adam", "distill.lr=5")  # fmt: skip
+    d = build(cfg, data)
+    for _ in range(3):
+        d.step()
+    low = (0 - 0.5) / 0.25
+    images = d.synset.images.detach()
+    assert float(images.min()) >= low - 1e-6 and float(images.max()) <= (1 - 0.5) / 0.25 + 1e-6
+    assert float(images.min()) == pytest.approx(low, abs=1e-6)  # the large steps hit the bound
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        load_teacher(tiny_experts(tmp_path / "in", data), data)

@@ -169,3 +169,46 @@ def test_unseen_mean_excludes_distillation_arch() -> None:
     assert [x.arch for x in s] == ["ConvNet", "VGG11", "ViT"]
     assert s[1].mean == pytest.approx(0.6) and s[1].std == pytest.approx(0.1)
     assert unseen_mean(s, "ConvNet") == pytest.approx(0.45)
+
+
+class Oracle(torch.nn.Module):
+    """A toy teacher that knows where each class's bright square is (logits = quadrant means)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = [x[:, :, r * 8 : r * 8 + 8, c * 8 : c * 8 + 8].mean(dim=(1, 2, 3))
+             for r in (0, 1) for c in (0, 1)]  # fmt: skip
+        return 4 * torch.stack(q, dim=1)
+
+
+def test_soft_label_protocol_learns_from_the_teacher_not_the_labels() -> None:
+    """With eval.labels=teacher the student is trained on T^2 KL to the teacher's softened
+    predictions: wrong hard labels do not matter, while the hard-label protocol learns them."""
+    from ld3m.evaluate.train_eval import Labels
+
+    logits, teacher_logits = torch.randn(5, 4), torch.randn(5, 4)
+    t = 3.0
+    p = torch.softmax(teacher_logits / t, 1)
+    expected = (p * (p.log() - torch.log_softmax(logits / t, 1))).sum(1).mean() * t * t
+    loss = Labels(lambda x: teacher_logits, t)(lambda x: logits, None, None)
+    torch.testing.assert_close(loss, expected)
+    train_x, train_y = separable(5, 4, seed=0)
+    test_x, test_y = separable(50, 4, seed=1)
+    wrong = (train_y + 1) % 4  # every hard label is wrong
+    data = TrainData(train_x, wrong, test_x, test_y, num_classes=4)
+    cfg = EvalConfig(epochs=60, dsa=False, ema_decay=None, schedule="step", lr=0.01)
+    soft = train_and_test("ConvNetD3", data, cfg, 0.01, 0, teacher=Oracle())
+    hard = train_and_test("ConvNetD3", data, cfg, 0.01, 0)
+    assert soft.acc >= 0.9 and hard.acc <= 0.1
+
+
+def test_soft_label_records_have_their_own_protocol_and_rows() -> None:
+    from ld3m.report.tables import row_method
+
+    hard, soft = EvalConfig(), EvalConfig(labels="teacher", teacher="/buf", temperature=4.0)
+    assert protocol_key(hard) == protocol_key(dataclasses.replace(hard, temperature=9.0))
+    assert protocol_key(soft) != protocol_key(hard)
+    assert protocol_key(soft) != protocol_key(dataclasses.replace(soft, teacher="/other"))
+    assert row_method({"method": "random_real"}) == "random_real"
+    assert row_method({"method": "pixel_sre2l", "labels": "teacher"}) == "pixel_sre2l+teacher"
+    cfg = load_config(None, ["eval.labels=teacher", "experts.dir=/experts"])
+    assert harness.eval_config(cfg).teacher == "/experts"

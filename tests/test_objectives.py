@@ -17,7 +17,9 @@ from ld3m.distill.objectives import OBJECTIVES, build_objective
 from ld3m.distill.objectives.base import draw_seed, seeded_network
 from ld3m.distill.objectives.mtt import draw_plan
 from ld3m.errors import ConfigError
+from ld3m.methods import EXPERT_OBJECTIVES
 from ld3m.models.functional import flatten_params, functional_forward
+from ld3m.models.teacher import calibrate
 
 K, C, R, IPC = 3, 3, 8, 2
 NET = {"width": 8, "depth": 2}
@@ -81,8 +83,18 @@ def syn_set(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Ten
     ).repeat_interleave(IPC)
 
 
+def toy_teacher(data: RealDataset) -> torch.nn.Module:
+    """A BatchNorm ConvNet with statistics of the toy data (untrained: inversion still works)."""
+    net = seeded_network("ConvNet", C, K, R, seed=2, overrides={**NET, "norm": "batch"})
+    return calibrate(net, data, batch=8, what="toy teacher")
+
+
 def build(name: str, data: RealDataset, experts: FakeExperts, **kw: object) -> object:
     cfg = kw.pop("cfg", None) or make_cfg(name)
+    if name == "sre2l":
+        kw.setdefault("teacher", toy_teacher(data))
+        kw.pop("net_overrides", None)
+        return build_objective(cfg, data, K, C, R, experts, **kw)
     return build_objective(cfg, data, K, C, R, experts, net_overrides=NET, **kw)
 
 
@@ -359,7 +371,8 @@ def test_objective_descends_its_own_loss(name: str, data, experts) -> None:
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_objective_contract(name: str, data, experts) -> None:
     obj = build(name, data, experts)
-    assert obj.name == name and obj.uses_experts == (name == "mtt") == obj.learns_lr
+    assert obj.name == name and obj.uses_experts == (name in EXPERT_OBJECTIVES)
+    assert obj.learns_lr == (name == "mtt")
     images, labels = syn_set(torch.float32)
     lr = torch.tensor(0.01)
     state = torch.random.get_rng_state()
@@ -404,3 +417,77 @@ def test_mtt_expert_of_other_network(data, experts) -> None:
     obj = build_objective(make_cfg("mtt"), data, K, C, R, experts, net_overrides={"width": 4})
     with pytest.raises(ConfigError, match=r"parameters; train experts with distill\.arch"):
         obj.image_grad(*syn_set(), None, rng())
+
+
+# ---------------------------------------------------------------- SRe2L / CDA
+
+
+def test_cda_curriculum_values() -> None:
+    from ld3m.config.schema import SRe2LConfig
+    from ld3m.distill.objectives.sre2l import crop_lower_bound
+
+    def beta(curriculum: str, t: int, milestone: float = 1.0) -> float:
+        return crop_lower_bound(SRe2LConfig(curriculum=curriculum, milestone=milestone), t, 100)
+
+    assert [beta("none", t) for t in (0, 50, 99)] == [0.08] * 3  # SRe2L: constant
+    assert beta("cosine", 0) == pytest.approx(1.0)
+    assert beta("cosine", 50) == pytest.approx(0.08 + 0.92 * 0.5)
+    assert beta("cosine", 25) == pytest.approx(0.08 + 0.92 * (1 + math.cos(math.pi / 4)) / 2)
+    assert beta("linear", 25) == pytest.approx(0.08 + 0.92 * 0.75)
+    assert [beta("step", t, 0.5) for t in (0, 49, 50, 99)] == [1.0, 1.0, 0.08, 0.08]
+    assert beta("cosine", 60, 0.5) == beta("linear", 60, 0.5) == 0.08  # after the milestone
+
+
+class TwoBN(torch.nn.Module):
+    """conv -> BN -> relu -> conv -> BN -> relu -> pool -> linear, calibrated on toy data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.c1, self.b1 = torch.nn.Conv2d(C, 6, 3, padding=1), torch.nn.BatchNorm2d(6)
+        self.c2, self.b2 = torch.nn.Conv2d(6, 5, 3, padding=1), torch.nn.BatchNorm2d(5)
+        self.fc = torch.nn.Linear(5, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b2(self.c2(self.b1(self.c1(x)).relu())).relu()
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def test_sre2l_loss_and_gradient_equal_a_direct_reference(data, monkeypatch) -> None:
+    """With the augmentation switched off, the recover loss of each ipc batch (j-th image of
+    each class) is CE + lambda (10 |mu_1 - rm_1| + |var_1 - rv_1| + |mu_2 - rm_2| + ...)."""
+    from ld3m.distill.objectives import sre2l
+
+    monkeypatch.setattr(sre2l, "augment", lambda x, low, jitter, gen: x)
+    teacher = calibrate(TwoBN(), data, batch=8, what="toy").double()
+    images, labels = syn_set()
+    cfg = make_cfg("sre2l")
+    out = build("sre2l", data, None, cfg=cfg, teacher=teacher).image_grad(images, labels, None,
+                                                                        rng())  # fmt: skip
+    x_all, total = images.clone().requires_grad_(True), 0
+    for j in range(IPC):
+        x, y = x_all[j::IPC], labels[j::IPC]  # class-sorted: every IPC-th image
+        h1 = teacher.c1(x)
+        h2 = teacher.c2(teacher.b1(h1).relu())
+        stats = 0
+        for w, h, bn in ((10.0, h1, teacher.b1), (1.0, h2, teacher.b2)):
+            mu, var = h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3), unbiased=False)
+            stats = stats + w * ((mu - bn.running_mean).norm() + (var - bn.running_var).norm())
+        total = total + F.cross_entropy(teacher(x), y) + 0.01 * stats
+    assert out.loss == pytest.approx(float(total.detach()), rel=1e-10)
+    torch.testing.assert_close(out.grad, torch.autograd.grad(total, x_all)[0])
+
+
+def test_sre2l_augmentation_is_a_shared_seeded_crop_flip_roll() -> None:
+    from ld3m.distill.objectives.sre2l import augment, crop_box
+
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float64).reshape(2, 1, 8, 8)
+    a, b = augment(x, 0.08, 2, rng(1)), augment(x, 0.08, 2, rng(1))
+    assert torch.equal(a, b) and a.shape == x.shape
+    boxes = [crop_box(32, 0.5, rng(s)) for s in range(50)]
+    assert all(0.5 * 1024 * 0.9 <= h * w <= 1024 and t + h <= 32 and left + w <= 32
+               for t, left, h, w in boxes)  # fmt: skip
+    assert len(set(boxes)) > 10
+    # Whole-image crops and no jitter: the output is x or its mirror image.
+    whole = augment(x, 1.0, 0, rng(2))
+    assert torch.equal(whole, x) or torch.equal(whole, x.flip(-1))

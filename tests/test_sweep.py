@@ -237,3 +237,21 @@ def test_more_architectures_only_for_the_named_methods_and_ipcs(tmp_path: Path) 
     assert tasks["real_ipc"] == [("ConvNetD3", 0), ("ConvNetD4", 0), ("MLP", 0)]
     with pytest.raises(ConfigError, match=r"unknown config key 'eval\.more\.arch'"):
         load_sweep(write_sweep(tmp_path, eval={"more": [{"arch": ["MLP"]}]}))
+
+
+def test_teacher_runs_and_soft_label_baselines_get_an_expert_buffer(tmp_path: Path) -> None:
+    """SRe2L distillations read their teacher, and soft-label evaluations (of baselines too)
+    theirs, from an expert buffer the experts stage trains."""
+    overrides = [*tiny_overrides(tmp_path), "experts.arch=ConvNetBN", "eval.labels=teacher"]
+    spec, where = load_sweep(write_sweep(tmp_path, overrides=overrides,
+                                         grid={"distill.objective": ["sre2l", "dm"]}))  # fmt: skip
+    runs = expand(spec, where)
+    assert len({r.cfg.experts.dir for r in runs}) == 1 and runs[0].cfg.experts.dir
+    assert runs[2].kind == "baseline" and runs[2].cfg.experts.dir == runs[0].cfg.experts.dir
+    stages = {s.name: s.tasks for s in plan(spec, runs)}
+    assert len(stages["experts"]) == 2  # one buffer (2 experts -> 2 shards), trained once
+    hard = [*tiny_overrides(tmp_path), "experts.arch=ConvNetBN"]
+    spec, where = load_sweep(write_sweep(tmp_path, overrides=hard,
+                                         grid={"distill.objective": ["dm"]}))  # fmt: skip
+    stages = {s.name: s.tasks for s in plan(spec, expand(spec, where))}
+    assert not stages.get("experts")  # hard labels, no teacher: no experts

@@ -65,6 +65,14 @@ class EvalConfig:
     """Differentiable Siamese augmentation on every training batch (per-sample draws)."""
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     """DSA families, one chosen at random per batch."""
+    labels: Literal["hard", "teacher"] = "hard"
+    """`hard`: cross-entropy on the set's labels; `teacher`: SRe2L's soft-label protocol, KL
+    to a BatchNorm teacher's softened predictions on every augmented batch (the teacher is
+    expert 0 of `teacher`, last epoch). Tables list teacher-label rows as `<method>+teacher`."""
+    teacher: str = ""
+    """Expert buffer of the soft-label teacher (empty: experts.dir)."""
+    temperature: float = 3.0
+    """Softmax temperature T of the soft-label protocol (loss T^2 KL)."""
 
 
 @dataclass(frozen=True)
@@ -205,11 +213,33 @@ class DCCConfig:
 
 
 @dataclass(frozen=True)
+class SRe2LConfig:
+    """SRe2L's recover step with CDA's curriculum (objective `sre2l`): invert a BatchNorm
+    teacher (expert 0 of experts.dir, last epoch) by CE + BN-statistics matching."""
+
+    bn_weight: float = 0.01
+    """lambda_BN on sum_l w_l (|mu_l - mu_l^run|_2 + |var_l - var_l^run|_2) (w_1 = first_bn_weight,
+    other layers 1)."""
+    first_bn_weight: float = 10.0
+    """w_1: weight of the first BN layer's statistics."""
+    curriculum: Literal["none", "cosine", "linear", "step"] = "none"
+    """Lower scale bound of the shared RandomResizedCrop over the iterations: constant
+    min_scale (SRe2L) or CDA's cosine / linear / step decay from 1 to min_scale."""
+    milestone: float = 1.0
+    """Fraction m of the iterations over which the curriculum decays (CDA README: 1)."""
+    min_scale: float = 0.08
+    """Final (SRe2L: constant) lower scale bound of the crop."""
+    jitter: int = 4
+    """Cyclic roll of the whole batch by 0..jitter px in each direction, per iteration."""
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """The distillation loop."""
 
-    objective: Literal["dc", "dcc", "dm", "mtt"] = "dm"
-    """Matching objective: gradient (dc), distribution (dm) or trajectory (mtt) matching."""
+    objective: Literal["dc", "dcc", "dm", "mtt", "sre2l"] = "dm"
+    """Matching objective: gradient (dc), contrastive gradient (dcc), distribution (dm) or
+    trajectory (mtt) matching, or SRe2L/CDA's teacher inversion (sre2l)."""
     space: Literal["latent", "pixel"] = "latent"
     """`latent`: LD3M (Z and c through the prior's generator); `pixel`: the images themselves."""
     ipc: int = 10
@@ -234,6 +264,12 @@ class DistillConfig:
     """DSA families."""
     mtt: MTTConfig = field(default_factory=MTTConfig)
     dcc: DCCConfig = field(default_factory=DCCConfig)
+    sre2l: SRe2LConfig = field(default_factory=SRe2LConfig)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    """Optimiser of Z and c (or pixels): SGD with `momentum`, or Adam with betas (0.5, 0.9)
+    (SRe2L's recover step)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Learning rate over the iterations: constant, or cosine to 0 (SRe2L)."""
     """MTT settings."""
     nan_patience: int = 5
     """Abort after this many consecutive non-finite losses (each one skips its step)."""

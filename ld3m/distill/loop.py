@@ -27,7 +27,7 @@ from ld3m.distill.synthetic import build_synthetic_set, expert_logits
 from ld3m.errors import ConfigError, Interrupted, TrainingError
 from ld3m.generator.backward import generate_and_backward, resolve_scheme
 from ld3m.generator.ldm import LD3MGenerator, draw_noise
-from ld3m.methods import method_name
+from ld3m.methods import EXPERT_OBJECTIVES, method_name
 from ld3m.parallel import Parallel, SyncedOptimizer, setup_parallel
 from ld3m.paths import STATE_FILE, RunPaths
 from ld3m.prior.model import Prior
@@ -47,7 +47,11 @@ DEFAULT_LR = {  # (space, objective) -> lr of Z and c, or of the pixels (method 
     ("pixel", "dcc"): 0.1,  # DCC's image lr, as DC's
     ("pixel", "dm"): 1.0,
     ("pixel", "mtt"): 1000.0,
+    ("latent", "sre2l"): 0.05,  # Adam; ld3m's choice (no published latent SRe2L)
+    ("pixel", "sre2l"): 0.25,  # Adam, SRe2L/CDA recover (seed-methods notes, section 3)
 }
+ADAM_BETAS = (0.5, 0.9)
+"""Adam betas of the synthetic set with distill.optimizer=adam (SRe2L's recover step)."""
 
 
 @dataclass
@@ -100,8 +104,13 @@ class Distiller:
             d, data, info.num_classes, info.channels, info.res, experts
         )
         lr = d.lr if d.lr is not None else DEFAULT_LR[(d.space, d.objective)]
-        sgd = torch.optim.SGD(self.synset.param_groups(lr, d.mtt.lr_lr), lr=lr, momentum=d.momentum)
-        self.optimizer = SyncedOptimizer(self.synset, sgd, self.par)
+        groups = self.synset.param_groups(lr, d.mtt.lr_lr)
+        if d.optimizer == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(groups, lr=lr, betas=ADAM_BETAS)
+        else:
+            opt = torch.optim.SGD(groups, lr=lr, momentum=d.momentum)
+        self.base_lr = lr
+        self.optimizer = SyncedOptimizer(self.synset, opt, self.par)
         self.experts = experts
         self.state = LoopState()
         self.checkpoints = CheckpointManager(self.paths.ckpt)
@@ -135,8 +144,10 @@ class Distiller:
             report.skipped = True
         else:
             self.state.nan_streak = 0
+            self.set_lr(step)
             self.optimizer.step()
             self.keep_lr_positive()
+            self.keep_pixels_valid()
         self.state.step += 1
         report.seconds = time.perf_counter() - start
         return report
@@ -203,6 +214,28 @@ class Distiller:
                 f"{self.state.nan_streak} non-finite losses in a row at step {self.state.step}; "
                 "lower distill.lr (or distill.mtt.lr_lr), then resume from the last checkpoint"
             )
+
+    def set_lr(self, step: int) -> None:
+        """The content learning rate of `step`: constant, or cosine to 0 over the iterations."""
+        d = self.cfg.distill
+        if d.lr_schedule == "constant":
+            return
+        lr = self.base_lr * 0.5 * (1 + math.cos(math.pi * step / max(d.iterations, 1)))
+        for group in self.optimizer.optimizer.param_groups:
+            if group.get("name") == "content":
+                group["lr"] = lr
+
+    def keep_pixels_valid(self) -> None:
+        """Objectives that ask for it (SRe2L) keep pixels in the data's valid [0, 1] range."""
+        if self.synset.space != "pixel" or not getattr(self.objective, "clamps_pixels", False):
+            return
+        info = self.data.info
+        mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+        std = torch.tensor(info.std).view(1, -1, 1, 1)
+        low, high = (0 - mean) / std, (1 - mean) / std
+        self.optimizer.clamp_(
+            self.synset.images, low.to(self.synset.images), high.to(self.synset.images)
+        )
 
     def keep_lr_positive(self) -> None:
         """Clamp the learnable step size to at least distill.mtt.min_lr."""
@@ -385,7 +418,8 @@ def run_distillation(cfg: Config, resume: bool = True) -> Path:
             "make one), or use distill.space=pixel"
         )
     prior = load_prior(cfg.prior.path) if cfg.distill.space == "latent" else None
-    experts = build_experts(cfg, par.rank, par.world) if cfg.distill.objective == "mtt" else None
+    uses = cfg.distill.objective in EXPERT_OBJECTIVES
+    experts = build_experts(cfg, par.rank, par.world) if uses else None
     distiller = Distiller(cfg, data, prior, experts, par)
     if par.is_main:
         if not resume:
@@ -430,6 +464,7 @@ def build_experts(cfg: Config, rank: int = 0, world: int = 1) -> object:
 
     if not cfg.experts.dir:
         raise ConfigError(
-            "distill.objective=mtt needs experts.dir (train them with `ld3m experts`)"
+            f"distill.objective={cfg.distill.objective} needs experts.dir (train them with "
+            "`ld3m experts`)"
         )
     return ExpertSampler(ExpertStore(Path(cfg.experts.dir)), cfg.distill.seed, rank, world)

@@ -17,11 +17,12 @@ from typing import Any
 
 from ld3m.artifacts import SyntheticSet, load_set
 from ld3m.config.io import to_dict
-from ld3m.config.schema import DataConfig, EvalConfig
+from ld3m.config.schema import Config, DataConfig, EvalConfig
 from ld3m.data.datasets import RealDataset, load_dataset
 from ld3m.errors import DataError
 from ld3m.evaluate.train_eval import TrainData, resolve_lr, train_and_test
 from ld3m.jsonl import append_jsonl, read_jsonl
+from ld3m.models.teacher import load_teacher
 from ld3m.utils.progress import ProgressMode
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,13 @@ PROTOCOL_FIELDS = (
     "ema_decay",
     "dsa",
     "dsa_strategy",
+    "labels",
+    "teacher",
+    "temperature",
 )
 """EvalConfig fields that change a result; together they form the protocol key."""
+SOFT_LABEL_FIELDS = ("teacher", "temperature")
+"""Protocol fields that only matter with eval.labels=teacher."""
 
 
 @dataclass(frozen=True)
@@ -61,11 +67,22 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def eval_config(cfg: Config) -> EvalConfig:
+    """The run's evaluation settings, the soft-label teacher resolved (eval.teacher, else
+    experts.dir)."""
+    if cfg.eval.labels == "teacher" and not cfg.eval.teacher:
+        return dataclasses.replace(cfg.eval, teacher=cfg.experts.dir)
+    return cfg.eval
+
+
 def protocol_key(cfg: EvalConfig) -> str:
     """Short hash of the result-changing evaluation settings."""
     fields = {k: v for k, v in to_dict(cfg).items() if k in PROTOCOL_FIELDS}
     if not fields["arch_lr"]:
         del fields["arch_lr"]  # keys of records written before arch_lr existed stay valid
+    if fields["labels"] == "hard":  # ... and before the soft-label protocol existed
+        for key in ("labels", *SOFT_LABEL_FIELDS):
+            del fields[key]
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -104,6 +121,7 @@ def evaluate_set(
     data = load_for_set(synset, data_cfg)
     check_compatible(synset, data, set_path)
     test_images, test_labels = data.test_tensors()
+    teacher = load_teacher(cfg.teacher, data) if cfg.labels == "teacher" else None
     tensors = TrainData(
         synset.images, synset.labels, test_images, test_labels, data.info.num_classes
     )
@@ -129,7 +147,7 @@ def evaluate_set(
                 records.append(done[(arch, seed)])
                 continue
             lr = resolve_lr(cfg, arch, synset.lr)
-            result = train_and_test(arch, tensors, cfg, lr, seed, progress_mode)
+            result = train_and_test(arch, tensors, cfg, lr, seed, progress_mode, teacher)
             record = {
                 **base,
                 "arch": arch,

@@ -92,8 +92,10 @@ def train_and_test(
     lr: float,
     seed: int,
     progress_mode: ProgressMode = "off",
+    teacher: nn.Module | None = None,
 ) -> RunResult:
-    """Train a fresh `arch` on the synthetic set with run seed `seed`; test it once at the end."""
+    """Train a fresh `arch` on the synthetic set with run seed `seed`; test it once at the end.
+    With a frozen `teacher`, every augmented batch is labelled by it (soft-label protocol)."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -106,14 +108,33 @@ def train_and_test(
     if cfg.ema_decay is not None:
         ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     augment = DiffAugment(cfg.dsa_strategy if cfg.dsa else "none")
+    loss_fn = Labels(teacher, cfg.temperature)
     net.train()
     for _ in progress(range(cfg.epochs), progress_mode, desc=f"{arch} seed {seed}"):
-        train_epoch(net, optimizer, data, cfg.batch_train, augment, gen, ema)
+        train_epoch(net, optimizer, data, cfg.batch_train, augment, gen, ema, loss_fn)
         scheduler.step()
     final = ema.module if ema is not None else net
     train_acc = accuracy(final, data.train_images, data.train_labels, cfg.batch_test)
     acc = accuracy(final, data.test_images, data.test_labels, cfg.batch_test)
     return RunResult(acc=acc, train_acc=train_acc, lr=lr, wall_s=time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The training loss: cross-entropy on the set's hard labels, or (with a teacher) SRe2L's
+    soft-label loss T^2 KL(softmax(teacher(x)/T) || softmax(net(x)/T)) on the same batch."""
+
+    teacher: nn.Module | None = None
+    temperature: float = 3.0
+
+    def __call__(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = net(x)
+        if self.teacher is None:
+            return F.cross_entropy(logits, y)
+        t = self.temperature
+        with torch.no_grad():
+            soft = F.softmax(self.teacher(x) / t, dim=1)
+        return F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean") * t * t
 
 
 def train_epoch(
@@ -124,12 +145,14 @@ def train_epoch(
     augment: DiffAugment,
     gen: torch.Generator,
     ema: AveragedModel | None,
+    loss_fn: Labels | None = None,
 ) -> None:
     """One pass over the synthetic set in shuffled minibatches, DSA drawn per sample."""
+    loss_fn = loss_fn or Labels()
     order = torch.randperm(len(data.train_labels), generator=gen)
     for idx in order.split(batch):
         x = augment(data.train_images[idx], generator=gen)
-        loss = F.cross_entropy(net(x), data.train_labels[idx])
+        loss = loss_fn(net, x, data.train_labels[idx])
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"evaluation loss became {loss.item()}; lower eval.lr or check the synthetic set"

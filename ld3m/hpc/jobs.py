@@ -90,10 +90,10 @@ def eval_stage(config: str, kind: str, arch: str, seed: int) -> dict[str, Any]:
     """Train one fresh `arch` network (seed `seed`) on the run's final set; its eval record."""
     from dataclasses import replace
 
-    from ld3m.evaluate.harness import evaluate_set
+    from ld3m.evaluate.harness import eval_config, evaluate_set
 
     cfg = job_config(config)
-    ecfg = replace(cfg.eval, archs=(arch,), seed=seed, runs=1)
+    ecfg = replace(eval_config(cfg), archs=(arch,), seed=seed, runs=1)
     set_path = final_set(cfg, kind)
     out = RunPaths(Path(cfg.run.out_dir)).eval_jsonl
     return evaluate_set(set_path, cfg.data, ecfg, out, "off")[0]

@@ -36,6 +36,7 @@ from ld3m.hpc.sweep import (
     write_configs,
     write_manifest,
 )
+from ld3m.methods import needs_experts
 from ld3m.utils.progress import show_progress
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def plan(spec: SweepSpec, runs: list[RunSpec]) -> list[Stage]:
         tasks, seen = [], set()
         for run in runs:
             cfg = run.cfg
-            if run.kind != "distill" or cfg.distill.objective != "mtt" or cfg.experts.dir in seen:
+            if not needs_experts(cfg, run.kind) or cfg.experts.dir in seen:
                 continue
             seen.add(cfg.experts.dir)
             shards = max(1, min(cfg.experts.num, spec.slurm.array_parallelism))

@@ -43,7 +43,7 @@ from ld3m.config.io import (
 )
 from ld3m.config.schema import Config
 from ld3m.errors import ConfigError
-from ld3m.methods import method_name
+from ld3m.methods import method_name, needs_experts
 from ld3m.paths import RunPaths
 
 MANIFEST = "manifest.json"
@@ -254,12 +254,13 @@ def expand(spec: SweepSpec, spec_dir: Path) -> list[RunSpec]:
 
 def finish_run(spec: SweepSpec, name: str, overrides: tuple[str, ...], cfg: Config,
                kind: str) -> RunSpec:  # fmt: skip
-    """The run with its directory and its shared inputs: for MTT the expert buffer of its
-    expert config, for latent runs of a train_prior sweep the prior of its prior config."""
+    """The run with its directory and its shared inputs: for MTT, SRe2L and soft-label
+    evaluation the expert buffer of its expert config, for latent runs of a train_prior sweep
+    the prior of its prior config."""
     root = sweep_dir(spec)
     run_dir = root / "runs" / name
     cfg = replace(cfg, run=replace(cfg.run, out_dir=str(run_dir)))
-    if kind == "distill" and cfg.distill.objective == "mtt" and not cfg.experts.dir:
+    if needs_experts(cfg, kind) and not cfg.experts.dir:
         buffer = root / "experts" / experts_key(cfg)
         cfg = replace(cfg, experts=replace(cfg.experts, dir=str(buffer)))
     trains_prior = (spec.train_prior and kind == "distill" and cfg.distill.space == "latent"

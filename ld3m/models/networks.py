@@ -10,6 +10,7 @@ double backward.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -196,21 +197,26 @@ class VGG11(_Classifier):
         return self.features(x).flatten(1)
 
 
-class _BasicBlock(nn.Module):
-    """ResNet basic block with instance norm (GroupNorm(C, C)) and a projection shortcut."""
+def _resnet_norm(norm: str, channels: int) -> nn.Module:
+    """Instance norm (GroupNorm(C, C)) or BatchNorm for ResNet feature maps."""
+    return nn.BatchNorm2d(channels) if norm == "batch" else nn.GroupNorm(channels, channels)
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+
+class _BasicBlock(nn.Module):
+    """ResNet basic block with instance (or batch) norm and a projection shortcut."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, norm: str = "instance") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = nn.GroupNorm(out_ch, out_ch, affine=True)
+        self.norm1 = _resnet_norm(norm, out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
-        self.norm2 = nn.GroupNorm(out_ch, out_ch, affine=True)
+        self.norm2 = _resnet_norm(norm, out_ch)
         self.act = nn.ReLU(inplace=False)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
-                nn.GroupNorm(out_ch, out_ch, affine=True),
+                _resnet_norm(norm, out_ch),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,19 +227,20 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet18(_Classifier):
-    """CIFAR-style ResNet18 (3x3 stem, no max-pool) with instance norm."""
+    """CIFAR-style ResNet18 (3x3 stem, no max-pool) with instance norm (or BatchNorm:
+    `ResNet18BN`, SRe2L/CDA's teacher on small images)."""
 
-    def __init__(self, channels: int, num_classes: int, res: int) -> None:
+    def __init__(self, channels: int, num_classes: int, res: int, norm: str = "instance") -> None:
         super().__init__()
         _check_positive(channels=channels, num_classes=num_classes, res=res)
         layers: list[nn.Module] = [
             nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False),
-            nn.GroupNorm(64, 64, affine=True),
+            _resnet_norm(norm, 64),
             nn.ReLU(inplace=False),
         ]
         in_ch = 64
         for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers += [_BasicBlock(in_ch, width, stride), _BasicBlock(width, width, 1)]
+            layers += [_BasicBlock(in_ch, width, stride, norm), _BasicBlock(width, width, 1, norm)]
             in_ch = width
         layers.append(nn.AdaptiveAvgPool2d(1))
         self.features = nn.Sequential(*layers)
@@ -303,8 +310,8 @@ def default_convnet_depth(res: int) -> int:
 NetworkBuilder = Callable[..., nn.Module]
 
 
-def _convnet_builder(fixed_depth: int | None) -> NetworkBuilder:
-    """A builder of ConvNet with depth `fixed_depth` (None: chosen from res)."""
+def _convnet_builder(fixed_depth: int | None, norm: str = "instance") -> NetworkBuilder:
+    """A builder of ConvNet with depth `fixed_depth` (None: chosen from res) and `norm`."""
 
     def build(channels: int, num_classes: int, res: int, **overrides: Any) -> nn.Module:
         depth = fixed_depth if fixed_depth is not None else default_convnet_depth(res)
@@ -313,7 +320,7 @@ def _convnet_builder(fixed_depth: int | None) -> NetworkBuilder:
                 f"ConvNetD{fixed_depth} has depth {fixed_depth}, not {overrides['depth']}; "
                 "use network 'ConvNet' to set the depth"
             )
-        return ConvNet(channels, num_classes, res, **{"depth": depth, **overrides})
+        return ConvNet(channels, num_classes, res, **{"depth": depth, "norm": norm, **overrides})
 
     return build
 
@@ -325,9 +332,11 @@ NETWORKS: MappingProxyType[str, NetworkBuilder] = MappingProxyType(
         "ConvNetD4": _convnet_builder(4),
         "ConvNetD5": _convnet_builder(5),
         "ConvNetD6": _convnet_builder(6),
+        "ConvNetBN": _convnet_builder(None, norm="batch"),
         "AlexNet": AlexNet,
         "VGG11": VGG11,
         "ResNet18": ResNet18,
+        "ResNet18BN": functools.partial(ResNet18, norm="batch"),
         "ViT": ViT,
     }
 )

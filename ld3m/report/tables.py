@@ -48,8 +48,16 @@ def load_records(paths: list[Path]) -> pd.DataFrame:
     for run in run_dirs(paths):
         arch = distill_arch_of(run)
         for record in read_jsonl(RunPaths(run).eval_jsonl):
-            rows.append({**record, "run": str(run), "distill_arch": arch})
+            rows.append({**record, "method": row_method(record), "run": str(run),
+                         "distill_arch": arch})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def row_method(record: dict) -> str:
+    """The table row's method: soft-label (teacher) evaluations are `<method>+teacher`, apart
+    from the hard-label protocol's rows."""
+    labels = record.get("labels", "hard")
+    return record["method"] if labels == "hard" else f"{record['method']}+{labels}"
 
 
 def final_records(records: pd.DataFrame) -> pd.DataFrame:

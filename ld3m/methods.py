@@ -7,7 +7,8 @@ from ld3m.config.schema import Config
 
 def method_name(cfg: Config) -> str:
     """The method label of a run's sets and table rows: `pixel_dm`, `ld3m_dcc`, `pixel_mtt_ast`
-    (MTT with any of AST's options), `pixel_sre2l` or `pixel_cda` (with CDA's curriculum), and for LD3M with another skip mode than the released one
+    (MTT with any of AST's options), `pixel_sre2l` or `pixel_cda` (with CDA's curriculum),
+    and for LD3M with another skip mode than the released one
     `ld3m_dm_<skip>` (e.g. the autoencoder-only ablation `ld3m_dm_autoencoder`)."""
     d, skip = cfg.distill, cfg.generator.skip
     objective = d.objective + ("_ast" if uses_ast(cfg) else "")

@@ -196,7 +196,7 @@ def test_soft_label_protocol_learns_from_the_teacher_not_the_labels() -> None:
     wrong = (train_y + 1) % 4  # every hard label is wrong
     data = TrainData(train_x, wrong, test_x, test_y, num_classes=4)
     cfg = EvalConfig(epochs=60, dsa=False, ema_decay=None, schedule="step", lr=0.01)
-    soft = train_and_test("ConvNetD3", data, cfg, 0.01, 0, teacher=Oracle())
+    soft = train_and_test("ConvNetD3", data, cfg, 0.01, 0, labels=Labels(teacher=Oracle()))
     hard = train_and_test("ConvNetD3", data, cfg, 0.01, 0)
     assert soft.acc >= 0.9 and hard.acc <= 0.1
 

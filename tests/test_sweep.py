@@ -255,3 +255,13 @@ def test_teacher_runs_and_soft_label_baselines_get_an_expert_buffer(tmp_path: Pa
                                          grid={"distill.objective": ["dm"]}))  # fmt: skip
     stages = {s.name: s.tasks for s in plan(spec, expand(spec, where))}
     assert not stages.get("experts")  # hard labels, no teacher: no experts
+
+
+def test_run_names_depend_only_on_non_default_settings(tmp_path: Path) -> None:
+    """A setting at its default (e.g. one ld3m adds later) leaves every run directory as it was."""
+    spec, where = load_sweep(write_sweep(tmp_path))
+    same = [*spec.overrides, "distill.dcc.warmup=0.25", "eval.labels=hard"]  # both defaults
+    other = [*spec.overrides, "distill.dcc.warmup=0.5"]
+    names = [r.name for r in expand(spec, where)]
+    assert [r.name for r in expand(*load_sweep(write_sweep(tmp_path, overrides=same)))] == names
+    assert [r.name for r in expand(*load_sweep(write_sweep(tmp_path, overrides=other)))] != names

@@ -251,6 +251,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def nondefault(cfg: Any) -> dict[str, Any]:
+    """`dotted.key` -> value of every setting of a config (or config section) that differs from
+    its dataclass default: what identifies a configuration, unchanged when ld3m adds a new
+    setting with a default."""
+    default, out = to_dict(type(cfg)()), {}
+
+    def walk(tree: dict[str, Any], ref: dict[str, Any], prefix: str) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict) and isinstance(ref.get(key), dict) and ref[key]:
+                walk(value, ref[key], f"{prefix}{key}.")
+            elif key not in ref or ref[key] != value:
+                out[prefix + key] = value
+
+    walk(to_dict(cfg), default, "")
+    return out
+
+
 def save_config(cfg: Config, path: Path) -> None:
     """Write the merged config as YAML (atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)

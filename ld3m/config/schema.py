@@ -65,14 +65,20 @@ class EvalConfig:
     """Differentiable Siamese augmentation on every training batch (per-sample draws)."""
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     """DSA families, one chosen at random per batch."""
-    labels: Literal["hard", "teacher"] = "hard"
+    labels: Literal["hard", "teacher", "projector"] = "hard"
     """`hard`: cross-entropy on the set's labels; `teacher`: SRe2L's soft-label protocol, KL
     to a BatchNorm teacher's softened predictions on every augmented batch (the teacher is
-    expert 0 of `teacher`, last epoch). Tables list teacher-label rows as `<method>+teacher`."""
+    expert 0 of `teacher`, last epoch); `projector`: HeLlO's labels generated online by the
+    CLIP projector at `projector`, MSE to them + ce_weight x CE. Tables list such rows as
+    `<method>+teacher` / `<method>+projector`."""
     teacher: str = ""
     """Expert buffer of the soft-label teacher (empty: experts.dir)."""
     temperature: float = 3.0
     """Softmax temperature T of the soft-label protocol (loss T^2 KL)."""
+    projector: str = ""
+    """Directory of a HeLlO projector written by `ld3m hello` (labels=projector)."""
+    ce_weight: float = 1.0
+    """beta: weight of the hard-label CE next to the projector's MSE (labels=projector)."""
 
 
 @dataclass(frozen=True)
@@ -351,6 +357,36 @@ class PriorTrainConfig:
 
 
 @dataclass(frozen=True)
+class HelloConfig:
+    """HeLlO's image-to-label projector (`ld3m hello`): W E_I(x) on a local CLIP checkpoint,
+    W initialised from the class-prompt text embeddings, low-rank (LoRA) updates of the image
+    encoder and of W, trained on the real train split against weak teachers."""
+
+    clip: str = ""
+    """Local CLIP checkpoint directory (transformers layout, with its tokenizer); never
+    downloaded."""
+    template: str = "a photo of a {}"
+    """Class prompt; `{}` becomes the class name."""
+    encoder_rank: int = 8
+    """LoRA rank of the image encoder's attention and MLP projections (HeLlO: 8)."""
+    head_rank: int = 64
+    """LoRA rank of the label head W (HeLlO: 64 on ImageNet-100, 128 on ImageNet-1K)."""
+    teacher_epochs: tuple[int, ...] = ()
+    """Snapshots of expert 0 of experts.dir used as weak teachers; their mean logits are the
+    MSE target (HeLlO: 9 ResNet-18 checkpoints; empty: every stored epoch after init)."""
+    ce_weight: float = 1.0
+    """lambda in MSE(f(x), Y') + lambda CE(f(x), y) (not published)."""
+    steps: int = 500
+    """Projector training steps (Adam)."""
+    batch: int = 128
+    """Real images per step."""
+    lr: float = 1e-3
+    """Adam learning rate of the low-rank factors."""
+    seed: int = 0
+    """Seed of the LoRA initialisation and the batch order."""
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of one ld3m run."""
 
@@ -363,3 +399,4 @@ class Config:
     prior_train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    hello: HelloConfig = field(default_factory=HelloConfig)

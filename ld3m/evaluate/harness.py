@@ -20,7 +20,7 @@ from ld3m.config.io import to_dict
 from ld3m.config.schema import Config, DataConfig, EvalConfig
 from ld3m.data.datasets import RealDataset, load_dataset
 from ld3m.errors import DataError
-from ld3m.evaluate.train_eval import TrainData, resolve_lr, train_and_test
+from ld3m.evaluate.train_eval import Labels, TrainData, resolve_lr, train_and_test
 from ld3m.jsonl import append_jsonl, read_jsonl
 from ld3m.models.teacher import load_teacher
 from ld3m.utils.progress import ProgressMode
@@ -42,10 +42,12 @@ PROTOCOL_FIELDS = (
     "labels",
     "teacher",
     "temperature",
+    "projector",
+    "ce_weight",
 )
 """EvalConfig fields that change a result; together they form the protocol key."""
-SOFT_LABEL_FIELDS = ("teacher", "temperature")
-"""Protocol fields that only matter with eval.labels=teacher."""
+LABEL_FIELDS = {"teacher": ("teacher", "temperature"), "projector": ("projector", "ce_weight")}
+"""Protocol fields that only matter with eval.labels=teacher / projector."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,17 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def label_source(cfg: EvalConfig, data: RealDataset) -> Labels:
+    """The training loss of the protocol: hard labels, the BN teacher's or the projector's."""
+    if cfg.labels == "teacher":
+        return Labels(teacher=load_teacher(cfg.teacher, data), temperature=cfg.temperature)
+    if cfg.labels == "projector":
+        from ld3m.evaluate.hello import load_projector
+
+        return Labels(projector=load_projector(cfg.projector, data.info), ce_weight=cfg.ce_weight)
+    return Labels()
+
+
 def eval_config(cfg: Config) -> EvalConfig:
     """The run's evaluation settings, the soft-label teacher resolved (eval.teacher, else
     experts.dir)."""
@@ -80,9 +93,13 @@ def protocol_key(cfg: EvalConfig) -> str:
     fields = {k: v for k, v in to_dict(cfg).items() if k in PROTOCOL_FIELDS}
     if not fields["arch_lr"]:
         del fields["arch_lr"]  # keys of records written before arch_lr existed stay valid
-    if fields["labels"] == "hard":  # ... and before the soft-label protocol existed
-        for key in ("labels", *SOFT_LABEL_FIELDS):
-            del fields[key]
+    unused = [
+        k for labels, keys in LABEL_FIELDS.items() if labels != fields["labels"] for k in keys
+    ]
+    if fields["labels"] == "hard":  # ... and before soft labels existed
+        unused.append("labels")
+    for key in unused:
+        del fields[key]
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -121,7 +138,7 @@ def evaluate_set(
     data = load_for_set(synset, data_cfg)
     check_compatible(synset, data, set_path)
     test_images, test_labels = data.test_tensors()
-    teacher = load_teacher(cfg.teacher, data) if cfg.labels == "teacher" else None
+    labels = label_source(cfg, data)
     tensors = TrainData(
         synset.images, synset.labels, test_images, test_labels, data.info.num_classes
     )
@@ -147,7 +164,7 @@ def evaluate_set(
                 records.append(done[(arch, seed)])
                 continue
             lr = resolve_lr(cfg, arch, synset.lr)
-            result = train_and_test(arch, tensors, cfg, lr, seed, progress_mode, teacher)
+            result = train_and_test(arch, tensors, cfg, lr, seed, progress_mode, labels)
             record = {
                 **base,
                 "arch": arch,

@@ -92,10 +92,10 @@ def train_and_test(
     lr: float,
     seed: int,
     progress_mode: ProgressMode = "off",
-    teacher: nn.Module | None = None,
+    labels: Labels | None = None,
 ) -> RunResult:
     """Train a fresh `arch` on the synthetic set with run seed `seed`; test it once at the end.
-    With a frozen `teacher`, every augmented batch is labelled by it (soft-label protocol)."""
+    `labels` picks the training loss (hard labels by default; a teacher's or projector's)."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -108,7 +108,7 @@ def train_and_test(
     if cfg.ema_decay is not None:
         ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     augment = DiffAugment(cfg.dsa_strategy if cfg.dsa else "none")
-    loss_fn = Labels(teacher, cfg.temperature)
+    loss_fn = labels or Labels()
     net.train()
     for _ in progress(range(cfg.epochs), progress_mode, desc=f"{arch} seed {seed}"):
         train_epoch(net, optimizer, data, cfg.batch_train, augment, gen, ema, loss_fn)
@@ -121,14 +121,21 @@ def train_and_test(
 
 @dataclass(frozen=True)
 class Labels:
-    """The training loss: cross-entropy on the set's hard labels, or (with a teacher) SRe2L's
-    soft-label loss T^2 KL(softmax(teacher(x)/T) || softmax(net(x)/T)) on the same batch."""
+    """The training loss on an augmented batch: cross-entropy on the set's hard labels; with a
+    teacher SRe2L's T^2 KL(softmax(teacher(x)/T) || softmax(net(x)/T)); with a projector
+    HeLlO's MSE(net(x), projector(x)) + ce_weight CE(net(x), y)."""
 
     teacher: nn.Module | None = None
     temperature: float = 3.0
+    projector: nn.Module | None = None
+    ce_weight: float = 1.0
 
     def __call__(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = net(x)
+        if self.projector is not None:
+            with torch.no_grad():
+                target = self.projector(x)
+            return F.mse_loss(logits, target) + self.ce_weight * F.cross_entropy(logits, y)
         if self.teacher is None:
             return F.cross_entropy(logits, y)
         t = self.temperature

@@ -35,6 +35,7 @@ import yaml
 from ld3m.config.io import (
     build,
     load_config,
+    nondefault,
     presets_dir,
     read_yaml,
     resolve_config,
@@ -194,9 +195,9 @@ def sweep_dir(spec: SweepSpec) -> Path:
 
 
 def config_hash(cfg: Config) -> str:
-    """8 hex digits of the config, without where it is written or how it reports."""
-    tree = to_dict(cfg)
-    tree["run"] = {k: v for k, v in tree["run"].items() if k not in ("out_dir", "progress")}
+    """8 hex digits of the config's non-default settings, without where it is written or how
+    it reports (a setting added to ld3m later, at its default, keeps every hash)."""
+    tree = {k: v for k, v in nondefault(cfg).items() if k not in ("run.out_dir", "run.progress")}
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -282,8 +283,8 @@ def prior_key(cfg: Config) -> str:
 
 
 def digest(cfg: Config, *sections: str) -> str:
-    """8 hex digits of some sections of a config."""
-    tree = {name: to_dict(getattr(cfg, name)) for name in sections}
+    """8 hex digits of the non-default settings of some sections of a config."""
+    tree = {name: nondefault(getattr(cfg, name)) for name in sections}
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
 
 

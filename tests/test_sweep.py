@@ -265,3 +265,24 @@ def test_run_names_depend_only_on_non_default_settings(tmp_path: Path) -> None:
     names = [r.name for r in expand(spec, where)]
     assert [r.name for r in expand(*load_sweep(write_sweep(tmp_path, overrides=same)))] == names
     assert [r.name for r in expand(*load_sweep(write_sweep(tmp_path, overrides=other)))] != names
+
+
+def test_debug_executor_runs_an_sre2l_study_under_the_teacher_protocol(
+    tmp_path: Path, capsys
+) -> None:
+    """Teacher (a BN expert) -> SRe2L and CDA recover -> random-real -> soft-label evaluation
+    of every set -> `+teacher` table rows, end to end."""
+    overrides = [*tiny_overrides(tmp_path), "experts.arch=ConvNetBN", "experts.num=1",
+                 "distill.objective=sre2l", "distill.optimizer=adam", "distill.init=noise",
+                 "eval.labels=teacher"]  # fmt: skip
+    path = write_sweep(tmp_path, overrides=overrides, eval={"archs": ["ConvNetD3"], "seeds": [0]},
+                       grid={"distill.sre2l.curriculum": ["none", "cosine"]})  # fmt: skip
+    root = submit_sweep(path, "debug")
+    records = [json.loads(line) for run in json.loads((root / "manifest.json").read_text())["runs"]
+               for line in (Path(run["dir"]) / "eval.jsonl").read_text().splitlines()]  # fmt: skip
+    assert len(records) == 3 and {r["labels"] for r in records} == {"teacher"}
+    assert {r["method"] for r in records} == {"pixel_sre2l", "pixel_cda", "random_real"}
+    assert main(["table", str(root)]) == 0
+    out = capsys.readouterr().out
+    for row in ("pixel_sre2l+teacher", "pixel_cda+teacher", "random_real+teacher"):
+        assert row in out

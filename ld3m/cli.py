@@ -62,7 +62,7 @@ def cmd_experts(args: argparse.Namespace) -> None:
     """Train (a shard of) the expert trajectories."""
     from ld3m.experts.train import experts_main
 
-    experts_main(args)
+    experts_main(build_config(args), args.shard)
 
 
 def cmd_hello(args: argparse.Namespace) -> None:
@@ -85,9 +85,11 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 def cmd_prior_train(args: argparse.Namespace) -> None:
     """Train a small class-conditional latent diffusion prior."""
-    from ld3m.prior.train import train_main
+    from ld3m.prior.train import train_prior
 
-    train_main(args)
+    path = train_prior(build_config(args), resume=not args.no_resume)
+    if path is not None:
+        print(path)
 
 
 def cmd_prior_convert(args: argparse.Namespace) -> None:

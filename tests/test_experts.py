@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import multiprocessing as mp
@@ -12,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ld3m.config.schema import ExpertsConfig
+from ld3m.config.io import load_config
+from ld3m.config.schema import Config, ExpertsConfig
 from ld3m.data.datasets import DatasetInfo, RealDataset
 from ld3m.errors import CheckpointError, ConfigError, DataError
 from ld3m.experts import train
@@ -104,10 +104,10 @@ def test_ast_expert_options() -> None:
         train_expert(data, dataclasses.replace(FAST, grad_penalty=-1.0), seed=0)
 
 
-def _args(tmp_path: Path, shard: str, *overrides: str) -> argparse.Namespace:
+def _args(tmp_path: Path, shard: str, *overrides: str) -> tuple[Config, str]:
     base = [f"experts.dir={tmp_path / 'buf'}", "experts.arch=ConvNetD3", "experts.num=3"]
     base += ["experts.epochs=2", "experts.batch=32", "run.progress='off'"]
-    return argparse.Namespace(config=None, overrides=[*base, *overrides], shard=shard)
+    return load_config(None, [*base, *overrides]), shard
 
 
 def test_shards_are_named_per_task_and_skipped_when_complete(
@@ -115,8 +115,8 @@ def test_shards_are_named_per_task_and_skipped_when_complete(
 ) -> None:
     data = tiny_dataset(train_per_class=4, test_per_class=2)
     monkeypatch.setattr(train, "load_dataset", lambda cfg: data)
-    experts_main(_args(tmp_path, "1/2"))  # experts 1 (of 0..2)
-    experts_main(_args(tmp_path, "0/2"))  # experts 0, 2
+    experts_main(*_args(tmp_path, "1/2"))  # experts 1 (of 0..2)
+    experts_main(*_args(tmp_path, "0/2"))  # experts 0, 2
     store = ExpertStore(tmp_path / "buf")
     assert [p.name for p in store.complete_shards()] == [shard_name(0, 2), shard_name(1, 2)]
     assert [t.expert for t in store.read_shard(store.shard_path(0, 2))] == [0, 2]
@@ -133,12 +133,12 @@ def test_shards_are_named_per_task_and_skipped_when_complete(
 
     monkeypatch.setattr(train, "train_expert", must_not_train)
     capsys.readouterr()
-    experts_main(_args(tmp_path, "0/2"))
+    experts_main(*_args(tmp_path, "0/2"))
     assert "already complete" in capsys.readouterr().out
     with pytest.raises(DataError, match=r"experts\.num"):
-        experts_main(_args(tmp_path, "0/2", "experts.num=5"))
+        experts_main(*_args(tmp_path, "0/2", "experts.num=5"))
     with pytest.raises(DataError, match="--shard i/2"):
-        experts_main(_args(tmp_path, "0/3"))
+        experts_main(*_args(tmp_path, "0/3"))
 
 
 def test_shard_arguments_and_empty_dir_are_config_errors(tmp_path: Path) -> None:
@@ -148,9 +148,9 @@ def test_shard_arguments_and_empty_dir_are_config_errors(tmp_path: Path) -> None
         with pytest.raises(ConfigError, match="--shard"):
             parse_shard(bad)
     with pytest.raises(ConfigError, match=r"experts\.dir"):
-        experts_main(argparse.Namespace(config=None, overrides=[], shard="0/1"))
+        experts_main(load_config(None, []), "0/1")
     with pytest.raises(ConfigError, match="no experts"):
-        experts_main(_args(tmp_path, "4/5"))
+        experts_main(*_args(tmp_path, "4/5"))
 
 
 def fake(expert: int, snapshots: int = 3, spec: ExpertSpec = SPEC) -> Trajectory:

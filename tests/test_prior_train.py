@@ -12,14 +12,14 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ld3m.cli import make_parser
+from ld3m.cli import main
 from ld3m.config.io import load_config
 from ld3m.config.schema import Config
 from ld3m.errors import ConfigError
 from ld3m.jsonl import read_jsonl
 from ld3m.paths import RunPaths
 from ld3m.prior.model import load_prior
-from ld3m.prior.train import train_main, train_prior
+from ld3m.prior.train import train_prior
 
 TINY = [
     "data.res=16",
@@ -57,16 +57,14 @@ def tiny_config(out: Path, cache: Path, *extra: str) -> Config:
 def full_run(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> tuple[Path, str]:
     """A complete tiny run through the command-line entry point; (run dir, printed output)."""
     out = tmp_path_factory.mktemp("run")
-    parser = make_parser()
     extra = (
         "prior_train.ae_steps=30", "prior_train.unet_steps=30", "prior_train.log_every=1",
         "prior_train.save_every=10", "prior_train.quality_per_class=4",
         "prior_train.quality_epochs=1",
     )  # fmt: skip
-    args = parser.parse_args(["prior", "train", *tiny(out, cache, *extra), "--no-resume"])
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        train_main(args)
+        assert main(["prior", "train", *tiny(out, cache, *extra), "--no-resume"]) == 0
     return out, printed.getvalue()
 
 

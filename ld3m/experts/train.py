@@ -17,7 +17,6 @@ one shard; a complete shard is skipped, so a requeued or rerun array task does n
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 from collections.abc import Sequence
@@ -191,12 +190,11 @@ def shard_experts(i: int, n: int, num: int) -> list[int]:
     return list(range(i, num, n))
 
 
-def experts_main(args: argparse.Namespace) -> None:
-    """`ld3m experts`: train this shard's experts unless it is complete, write it, log JSONL."""
-    from ld3m.cli import build_config  # the CLI imports this module
-
-    i, n = parse_shard(args.shard)
-    path, trained = run_expert_shard(build_config(args), i, n)
+def experts_main(cfg: Config, shard: str) -> None:
+    """`ld3m experts --shard I/N`: train this shard's experts unless it is complete, write it,
+    log JSONL."""
+    i, n = parse_shard(shard)
+    path, trained = run_expert_shard(cfg, i, n)
     print(path if trained else f"shard {i}/{n} is already complete: {path}")
 
 

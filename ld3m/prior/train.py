@@ -9,7 +9,6 @@ resumed from a checkpoint repeats an uninterrupted one exactly.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -288,12 +287,3 @@ def train_prior(cfg: Config, resume: bool = True, stop_after: int | None = None)
         return finish(run)
     finally:
         run.tracker.close()
-
-
-def train_main(args: argparse.Namespace) -> None:
-    """Entry point of `ld3m prior train`: build the config, train, print the prior path."""
-    from ld3m.cli import build_config
-
-    path = train_prior(build_config(args), resume=not args.no_resume)
-    if path is not None:
-        print(path)

@@ -35,6 +35,14 @@ EXPERT_OBJECTIVES = ("mtt", "sre2l")
 
 def needs_experts(cfg: Config, kind: str = "distill") -> bool:
     """The run (a distillation, or a random-real `baseline`) reads experts.dir: its objective
-    uses experts, or its evaluation takes soft labels from a teacher without eval.teacher."""
+    uses experts, its evaluation takes soft labels from a teacher without eval.teacher, or
+    from a projector the sweep trains on weak expert teachers."""
     distills = kind == "distill" and cfg.distill.objective in EXPERT_OBJECTIVES
-    return distills or (cfg.eval.labels == "teacher" and not cfg.eval.teacher)
+    teacher = cfg.eval.labels == "teacher" and not cfg.eval.teacher
+    return distills or teacher or needs_projector(cfg)
+
+
+def needs_projector(cfg: Config) -> bool:
+    """The evaluation takes HeLlO labels from a projector the sweep trains (its weak teachers
+    are the experts of experts.dir)."""
+    return cfg.eval.labels == "projector" and not cfg.eval.projector

@@ -125,3 +125,31 @@ def test_missing_or_wrong_checkpoints_are_one_line_errors(clip_dir: Path, tmp_pa
         load_projector(tmp_path / "nothing", data.info)
     with pytest.raises(ConfigError, match="weak teachers"):
         weak_teacher_logits(hello_cfg(tmp_path, clip_dir), data)
+
+
+def test_a_sweep_trains_the_projector_once_and_labels_every_evaluation(
+    clip_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """eval.labels=projector in a sweep: experts (weak teachers) -> one projector -> every set
+    evaluated with HeLlO labels -> `+projector` rows."""
+    from ld3m.cli import main
+    from ld3m.hpc.submit import submit_sweep
+    from tests.test_sweep import tiny_overrides, write_sweep
+
+    overrides = [*tiny_overrides(tmp_path), "eval.labels=projector", f"hello.clip={clip_dir}",
+                 "hello.encoder_rank=2", "hello.head_rank=2", "hello.steps=3",
+                 "hello.batch=4"]  # fmt: skip
+    path = write_sweep(tmp_path, overrides=overrides, grid={"distill.objective": ["dm"]},
+                       eval={"archs": ["ConvNetD3"], "seeds": [0]})  # fmt: skip
+    root = submit_sweep(path, "debug")
+    projectors = list((root / "projectors").glob("*/projector.safetensors"))
+    assert len(projectors) == 1
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert len(manifest["tasks"]["hello"]) == 1
+    records = [json.loads(line) for run in manifest["runs"]
+               for line in (Path(run["dir"]) / "eval.jsonl").read_text().splitlines()]  # fmt: skip
+    assert len(records) == 2 and {r["labels"] for r in records} == {"projector"}
+    assert {r["projector"] for r in records} == {str(projectors[0].parent)}
+    assert main(["table", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "pixel_dm+projector" in out and "random_real+projector" in out

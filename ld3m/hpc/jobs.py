@@ -47,6 +47,18 @@ def prior_stage(config: str) -> str:
     return str(train_prior(replace(cfg, run=replace(cfg.run, out_dir=str(where.root)))))
 
 
+def hello_stage(config: str) -> str:
+    """Train the HeLlO projector that the run's eval.projector names (skipped when present)."""
+    from ld3m.data.datasets import load_dataset
+    from ld3m.evaluate.hello import PROJECTOR_FILE, train_projector
+
+    cfg = job_config(config)
+    out = Path(cfg.eval.projector)
+    if (out / PROJECTOR_FILE).is_file():  # written atomically: present means complete
+        return str(out / PROJECTOR_FILE)
+    return str(train_projector(cfg, load_dataset(cfg.data), out))
+
+
 def experts_stage(config: str, shard: int, shards: int) -> str:
     """Train shard `shard` of `shards` of the config's expert buffer (skipped when complete)."""
     from ld3m.experts.train import run_expert_shard
@@ -139,6 +151,7 @@ def claim(path: Path, worker: int) -> bool:
 STAGES = {
     "prior": prior_stage,
     "experts": experts_stage,
+    "hello": hello_stage,
     "distill": distill_stage,
     "baseline": baseline_stage,
     "eval": eval_stage,

@@ -64,12 +64,18 @@ def plan(spec: SweepSpec, runs: list[RunSpec]) -> list[Stage]:
         tasks, seen = [], set()
         for run in runs:
             cfg = run.cfg
-            if not needs_experts(cfg, run.kind) or cfg.experts.dir in seen:
+            if (
+                not (needs_experts(cfg, run.kind) or run.trains_projector)
+                or cfg.experts.dir in seen
+            ):
                 continue
             seen.add(cfg.experts.dir)
             shards = max(1, min(cfg.experts.num, spec.slurm.array_parallelism))
             tasks += [("experts", str(run.config_path), i, shards) for i in range(shards)]
         stages.append(Stage("experts", tasks))
+    if "hello" in spec.stages:
+        projectors = {r.cfg.eval.projector: r for r in runs if r.trains_projector}
+        stages.append(Stage("hello", [("hello", str(r.config_path)) for r in projectors.values()]))
     if "distill" in spec.stages:
         distill = [("distill", str(r.config_path)) for r in runs if r.kind == "distill"]
         stages.append(Stage("distill", distill, distributed=True))

@@ -44,11 +44,11 @@ from ld3m.config.io import (
 )
 from ld3m.config.schema import Config
 from ld3m.errors import ConfigError
-from ld3m.methods import method_name, needs_experts
+from ld3m.methods import method_name, needs_experts, needs_projector
 from ld3m.paths import RunPaths
 
 MANIFEST = "manifest.json"
-STAGES = ("prior", "experts", "distill", "eval")
+STAGES = ("prior", "experts", "hello", "distill", "eval")
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,9 @@ class RunSpec:
     kind: str = "distill"  # or "baseline"
     trains_prior: bool = False
     """The sweep trains the prior that cfg.prior.path names (train_prior)."""
+    trains_projector: bool = False
+    """The sweep trains the HeLlO projector that cfg.eval.projector names (on the weak
+    teachers of cfg.experts.dir)."""
 
     @property
     def config_path(self) -> Path:
@@ -256,25 +259,34 @@ def expand(spec: SweepSpec, spec_dir: Path) -> list[RunSpec]:
 def finish_run(spec: SweepSpec, name: str, overrides: tuple[str, ...], cfg: Config,
                kind: str) -> RunSpec:  # fmt: skip
     """The run with its directory and its shared inputs: for MTT, SRe2L and soft-label
-    evaluation the expert buffer of its expert config, for latent runs of a train_prior sweep
-    the prior of its prior config."""
+    evaluation the expert buffer of its expert config, for HeLlO labels the projector of its
+    hello config, for latent runs of a train_prior sweep the prior of its prior config."""
     root = sweep_dir(spec)
     run_dir = root / "runs" / name
     cfg = replace(cfg, run=replace(cfg.run, out_dir=str(run_dir)))
     if needs_experts(cfg, kind) and not cfg.experts.dir:
         buffer = root / "experts" / experts_key(cfg)
         cfg = replace(cfg, experts=replace(cfg.experts, dir=str(buffer)))
+    trains_projector = needs_projector(cfg)
+    if trains_projector:
+        projector = root / "projectors" / projector_key(cfg)
+        cfg = replace(cfg, eval=replace(cfg.eval, projector=str(projector)))
     trains_prior = (spec.train_prior and kind == "distill" and cfg.distill.space == "latent"
                     and not cfg.prior.path)  # fmt: skip
     if trains_prior:
         prior = RunPaths(root / "priors" / prior_key(cfg)).prior
         cfg = replace(cfg, prior=replace(cfg.prior, path=str(prior)))
-    return RunSpec(name, run_dir, overrides, cfg, kind, trains_prior)
+    return RunSpec(name, run_dir, overrides, cfg, kind, trains_prior, trains_projector)
 
 
 def experts_key(cfg: Config) -> str:
     """Name of the expert buffer that a config needs (data + expert settings)."""
     return f"{cfg.data.name}-{cfg.experts.arch}-{digest(cfg, 'data', 'experts')}"
+
+
+def projector_key(cfg: Config) -> str:
+    """Name of the HeLlO projector a config's evaluation needs (data, hello, weak teachers)."""
+    return f"{cfg.data.name}-{digest(cfg, 'data', 'hello', 'experts')}"
 
 
 def prior_key(cfg: Config) -> str:

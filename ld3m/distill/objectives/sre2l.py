@@ -153,8 +153,8 @@ class BNInversion:
     def bn_loss(self, stats: list[tuple[nn.Module, Tensor, Tensor]]) -> Tensor:
         """sum_l w_l (|mu_l - running_mean_l|_2 + |var_l - running_var_l|_2)."""
         terms = []
-        for i, (layer, mean, var) in enumerate(stats):
-            weight = self.cfg.sre2l.first_bn_weight if layer is self.layers[0] and i == 0 else 1.0
+        for layer, mean, var in stats:  # w_1: the first BN layer the network defines (SRe2L)
+            weight = self.cfg.sre2l.first_bn_weight if layer is self.layers[0] else 1.0
             terms.append(weight * ((mean - layer.running_mean).norm(2)
                                    + (var - layer.running_var).norm(2)))  # fmt: skip
         return torch.stack(terms).sum()

@@ -74,19 +74,19 @@ def real_init_indices(
     if embed is None:
         images = torch.cat([data.images_of_class(c, ipc, generator=gen) for c in range(n)])
     else:
-        images = torch.cat([representative_images(data, c, ipc, embed, gen) for c in range(n)])
+        x, y = data.train_tensors()
+        images = torch.cat([representative_images(x[y == c], ipc, embed, gen) for c in range(n)])
     return images, torch.arange(n).repeat_interleave(ipc)
 
 
 @torch.no_grad()
 def representative_images(
-    data: RealDataset, c: int, k: int, embed: Embed, gen: torch.Generator, batch: int = 500
+    pool: torch.Tensor, k: int, embed: Embed, gen: torch.Generator, batch: int = 500
 ) -> torch.Tensor:
-    """The k real train images of class c nearest the k-means centroids of their features."""
-    x, y = data.train_tensors()
-    pool = x[y == c]
+    """The k images of one class's pool [n, C, H, W] nearest the k-means centroids of their
+    features."""
     if len(pool) < k:
-        raise ConfigError(f"class {c} has {len(pool)} train images, fewer than ipc={k}")
+        raise ConfigError(f"a class has {len(pool)} train images, fewer than ipc={k}")
     feats = torch.cat([embed(b) for b in pool.split(batch)]).double()
     return pool[nearest_distinct(feats, kmeans(feats, k, gen))]
 

@@ -138,7 +138,7 @@ def evaluate_set(
     data = load_for_set(synset, data_cfg)
     check_compatible(synset, data, set_path)
     test_images, test_labels = data.test_tensors()
-    labels = label_source(cfg, data)
+    labels: Labels | None = None  # loaded on the first network to train, not for a rerun
     tensors = TrainData(
         synset.images, synset.labels, test_images, test_labels, data.info.num_classes
     )
@@ -164,6 +164,8 @@ def evaluate_set(
                 records.append(done[(arch, seed)])
                 continue
             lr = resolve_lr(cfg, arch, synset.lr)
+            if labels is None:
+                labels = label_source(cfg, data)
             result = train_and_test(arch, tensors, cfg, lr, seed, progress_mode, labels)
             record = {
                 **base,

@@ -134,16 +134,14 @@ def build_projector(cfg: HelloConfig, info: DatasetInfo, head: Tensor | None = N
 
 def weak_teacher_logits(cfg: Config, data: RealDataset) -> Any:
     """Y'(x): mean logits of the weak teachers (snapshots of expert 0 of experts.dir)."""
-    from ld3m.experts.sampler import ExpertSampler
-    from ld3m.experts.store import ExpertStore
+    from ld3m.experts.sampler import first_expert
     from ld3m.models.functional import functional_forward
     from ld3m.models.networks import build_network
 
     if not cfg.experts.dir:
         raise ConfigError("ld3m hello needs weak teachers: set experts.dir to an expert buffer "
                           "(`ld3m experts`)")  # fmt: skip
-    sampler = ExpertSampler(ExpertStore(Path(cfg.experts.dir)), seed=0)
-    traj = sampler.load(sampler.ids[0])
+    traj = first_expert(cfg.experts.dir)
     epochs = cfg.hello.teacher_epochs or tuple(range(1, traj.snapshots.shape[0]))
     bad = [e for e in epochs if not 0 <= e < traj.snapshots.shape[0]]
     if bad:

@@ -152,10 +152,9 @@ def train_epoch(
     augment: DiffAugment,
     gen: torch.Generator,
     ema: AveragedModel | None,
-    loss_fn: Labels | None = None,
+    loss_fn: Labels,
 ) -> None:
     """One pass over the synthetic set in shuffled minibatches, DSA drawn per sample."""
-    loss_fn = loss_fn or Labels()
     order = torch.randperm(len(data.train_labels), generator=gen)
     for idx in order.split(batch):
         x = augment(data.train_images[idx], generator=gen)

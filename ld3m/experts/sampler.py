@@ -27,6 +27,13 @@ def pass_order(seed: int, pass_index: int, count: int) -> list[int]:
     return torch.randperm(count, generator=gen).tolist()
 
 
+def first_expert(buffer: str | Path) -> Trajectory:
+    """The trajectory of the lowest-numbered expert of a buffer's complete shards (SRe2L's
+    teacher, HeLlO's weak teachers)."""
+    sampler = ExpertSampler(ExpertStore(Path(buffer)), seed=0)
+    return sampler.load(sampler.ids[0])
+
+
 class ExpertSampler:
     """Iterate trajectories of `store` in a seeded random order per pass; see the module doc."""
 

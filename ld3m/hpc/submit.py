@@ -36,7 +36,6 @@ from ld3m.hpc.sweep import (
     write_configs,
     write_manifest,
 )
-from ld3m.methods import needs_experts
 from ld3m.utils.progress import show_progress
 
 log = logging.getLogger(__name__)
@@ -64,10 +63,7 @@ def plan(spec: SweepSpec, runs: list[RunSpec]) -> list[Stage]:
         tasks, seen = [], set()
         for run in runs:
             cfg = run.cfg
-            if (
-                not (needs_experts(cfg, run.kind) or run.trains_projector)
-                or cfg.experts.dir in seen
-            ):
+            if not run.reads_experts or cfg.experts.dir in seen:
                 continue
             seen.add(cfg.experts.dir)
             shards = max(1, min(cfg.experts.num, spec.slurm.array_parallelism))

@@ -154,6 +154,9 @@ class RunSpec:
     trains_projector: bool = False
     """The sweep trains the HeLlO projector that cfg.eval.projector names (on the weak
     teachers of cfg.experts.dir)."""
+    reads_experts: bool = False
+    """The run reads cfg.experts.dir (its objective, teacher or projector): the experts stage
+    trains that buffer."""
 
     @property
     def config_path(self) -> Path:
@@ -264,7 +267,8 @@ def finish_run(spec: SweepSpec, name: str, overrides: tuple[str, ...], cfg: Conf
     root = sweep_dir(spec)
     run_dir = root / "runs" / name
     cfg = replace(cfg, run=replace(cfg.run, out_dir=str(run_dir)))
-    if needs_experts(cfg, kind) and not cfg.experts.dir:
+    reads_experts = needs_experts(cfg, kind)  # before the sweep fills in paths
+    if reads_experts and not cfg.experts.dir:
         buffer = root / "experts" / experts_key(cfg)
         cfg = replace(cfg, experts=replace(cfg.experts, dir=str(buffer)))
     trains_projector = needs_projector(cfg)
@@ -276,7 +280,8 @@ def finish_run(spec: SweepSpec, name: str, overrides: tuple[str, ...], cfg: Conf
     if trains_prior:
         prior = RunPaths(root / "priors" / prior_key(cfg)).prior
         cfg = replace(cfg, prior=replace(cfg.prior, path=str(prior)))
-    return RunSpec(name, run_dir, overrides, cfg, kind, trains_prior, trains_projector)
+    return RunSpec(name, run_dir, overrides, cfg, kind, trains_prior, trains_projector,
+                   reads_experts)  # fmt: skip
 
 
 def experts_key(cfg: Config) -> str:

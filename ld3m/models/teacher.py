@@ -23,20 +23,18 @@ BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def bn_layers(net: nn.Module) -> list[nn.Module]:
-    """The network's BatchNorm layers, in forward order of definition."""
+    """The network's BatchNorm layers, in definition order."""
     return [m for m in net.modules() if isinstance(m, BN_TYPES)]
 
 
 def load_teacher(buffer: str | Path, data: RealDataset, batch: int = 500) -> nn.Module:
     """The frozen teacher (eval mode) of expert buffer `buffer`, BN statistics from `data`."""
-    from ld3m.experts.sampler import ExpertSampler
-    from ld3m.experts.store import ExpertStore
+    from ld3m.experts.sampler import first_expert
 
     if not str(buffer):
         raise ConfigError("the soft-label teacher needs an expert buffer: set experts.dir (or "
                           "eval.teacher) to one trained with experts.arch=ConvNetBN")  # fmt: skip
-    sampler = ExpertSampler(ExpertStore(Path(buffer)), seed=0)
-    traj = sampler.load(sampler.ids[0])
+    traj = first_expert(buffer)
     info = data.info
     net = build_network(traj.arch, info.channels, info.num_classes, info.res)
     load_flat(net, traj.snapshots[-1])

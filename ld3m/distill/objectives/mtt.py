@@ -157,7 +157,8 @@ def tesla(
     steps = len(plan.batches)
     thetas = theta0.new_empty(steps, theta0.numel())  # one block: no fragmentation
     theta, buf, total = theta0, torch.zeros_like(theta0), torch.zeros_like(theta0)
-    at_step = {}  # step -> G (sum of applied momentum buffers so far)
+    matched = {m.step for m in matches}
+    at_step = {}  # matched step -> G (sum of the momentum buffers applied so far)
     for i, (batch, seed) in enumerate(zip(plan.batches, plan.aug_seeds, strict=True)):
         thetas[i] = theta
         leaf = theta.detach().requires_grad_(True)
@@ -165,7 +166,8 @@ def tesla(
         buf = mu * buf + g if mu else g
         total += buf
         theta = theta - alpha * buf
-        at_step[i + 1] = total.clone() if any(m.step == i + 1 for m in matches) else None
+        if i + 1 in matched:
+            at_step[i + 1] = total.clone()
     loss = theta0.new_zeros(())
     lr_grad = theta0.new_zeros(())
     coefs = []  # (step n_k, 2 w_k / D_k, r_k)

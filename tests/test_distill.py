@@ -300,3 +300,31 @@ def test_sre2l_pixels_stay_valid_and_the_teacher_has_population_statistics(
     assert float(images.min()) == pytest.approx(low, abs=1e-6)  # the large steps hit the bound
     with pytest.raises(ConfigError, match="BatchNorm"):
         load_teacher(tiny_experts(tmp_path / "in", data), data)
+
+
+def test_teacher_statistics_are_kept_beside_the_buffer_and_redone_when_stale(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The second load reads the BN statistics the first one computed; other data, or a
+    damaged cache file, recomputes them instead of trusting the file."""
+    from ld3m.models import teacher as teacher_mod
+    from ld3m.models.teacher import STATS_FILE, bn_layers, load_teacher
+
+    data = toy_data()
+    buffer = tiny_experts(tmp_path, data, "ConvNetBN")
+    first = bn_layers(load_teacher(buffer, data))[0].running_mean.clone()
+    assert (buffer / STATS_FILE).is_file()
+    calls = []
+    real_calibrate = teacher_mod.calibrate
+    monkeypatch.setattr(teacher_mod, "calibrate",
+                        lambda *a: calls.append(1) or real_calibrate(*a))  # fmt: skip
+    again = load_teacher(buffer, data)
+    assert calls == [] and not again.training
+    torch.testing.assert_close(bn_layers(again)[0].running_mean, first, rtol=0, atol=0)
+    darker = RealDataset(data.train_images // 2, data.train_labels, data.test_images,
+                         data.test_labels, data.info)  # fmt: skip
+    other = bn_layers(load_teacher(buffer, darker))[0].running_mean
+    assert calls == [1] and not torch.allclose(other, first)
+    (buffer / STATS_FILE).write_bytes(b"not a safetensors file")
+    load_teacher(buffer, data)
+    assert calls == [1, 1]

@@ -4,14 +4,21 @@ A teacher is expert 0 of an expert buffer (`ld3m experts experts.arch=ConvNetBN 
 taken at its last epoch. The buffer keeps parameters only, so the BatchNorm running statistics
 are recomputed on the real train split (train mode, cumulative average, clean images): the
 population statistics of the final network, which the recover step matches and the soft-label
-protocol evaluates with.
+protocol evaluates with. That pass over the train split costs minutes on a CPU, so its result is
+kept beside the buffer (`teacher_bn.safetensors`, stamped with the teacher's parameters and the
+dataset) and reused by every later run and evaluation; a read-only buffer only costs the pass.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ld3m.data.datasets import RealDataset
@@ -19,7 +26,10 @@ from ld3m.errors import ConfigError
 from ld3m.models.functional import load_flat
 from ld3m.models.networks import build_network
 
+log = logging.getLogger(__name__)
+
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+STATS_FILE = "teacher_bn.safetensors"
 
 
 def bn_layers(net: nn.Module) -> list[nn.Module]:
@@ -38,7 +48,61 @@ def load_teacher(buffer: str | Path, data: RealDataset, batch: int = 500) -> nn.
     info = data.info
     net = build_network(traj.arch, info.channels, info.num_classes, info.res)
     load_flat(net, traj.snapshots[-1])
-    return calibrate(net, data, batch, f"teacher {traj.arch} of {buffer}")
+    cache = Path(buffer) / STATS_FILE
+    stamp = stats_stamp(traj.snapshots[-1], data, batch)
+    if not read_stats(net, cache, stamp):
+        calibrate(net, data, batch, f"teacher {traj.arch} of {buffer}")
+        write_stats(net, cache, stamp)
+    return net.eval().requires_grad_(False)
+
+
+def stats_stamp(params: torch.Tensor, data: RealDataset, batch: int) -> str:
+    """What the BN statistics depend on: the teacher's parameters and the train split."""
+    h = hashlib.sha256(repr((data.info, batch)).encode())
+    for t in (params.detach().float(), data.train_images, data.train_labels):
+        h.update(t.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def bn_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The running statistics of every BN layer, by state-dict name."""
+    names = {id(m) for m in bn_layers(net)}
+    return {f"{prefix}.{key}" if prefix else key: buf
+            for prefix, m in net.named_modules() if id(m) in names
+            for key, buf in m.named_buffers(recurse=False)}  # fmt: skip
+
+
+def read_stats(net: nn.Module, path: Path, stamp: str) -> bool:
+    """Load cached BN statistics into `net` when `path` holds ones of the same stamp."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("stamp") != stamp:
+                return False
+            cached = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
+    except Exception as exc:  # a damaged cache is recomputed, never trusted
+        log.warning("ignoring %s (%s); recomputing the teacher's BN statistics", path, exc)
+        return False
+    state = bn_state(net)
+    if set(cached) != set(state):
+        return False
+    with torch.no_grad():
+        for key, buf in state.items():
+            buf.copy_(cached[key])
+    return True
+
+
+def write_stats(net: nn.Module, path: Path, stamp: str) -> None:
+    """Keep the BN statistics beside the buffer (atomic; a read-only buffer is only logged)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in bn_state(net).items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={"stamp": stamp})
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("could not keep the teacher's BN statistics in %s (%s)", path, exc)
 
 
 @torch.no_grad()

@@ -66,9 +66,8 @@ def stats_stamp(params: torch.Tensor, data: RealDataset, batch: int) -> str:
 
 def bn_state(net: nn.Module) -> dict[str, torch.Tensor]:
     """The running statistics of every BN layer, by state-dict name."""
-    names = {id(m) for m in bn_layers(net)}
-    return {f"{prefix}.{key}" if prefix else key: buf
-            for prefix, m in net.named_modules() if id(m) in names
+    return {f"{prefix}.{key}": buf
+            for prefix, m in net.named_modules() if isinstance(m, BN_TYPES)
             for key, buf in m.named_buffers(recurse=False)}  # fmt: skip
 
 

@@ -1,20 +1,21 @@
 """Quality benchmark: every method at CPU scale beside the published anchors, through a sweep.
 
 Runs the shipped sweep `sweeps/quality_<dataset>_cpu.yaml` (random-real, pixel DC/DM/MTT, LD3M
-DC/DM/MTT, the autoencoder-only ablation; IPC 1 and 10; ConvNet, AlexNet, VGG11, ResNet18, ViT,
-2 seeds) with the chosen executor, waits, and prints the result table with the published
+DC/DM/MTT, the autoencoder-only ablation; IPC 1 and 10; every set on ConvNet, and on AlexNet,
+VGG11, ResNet18 and ViT those the unseen-architecture target compares) with the chosen executor, waits, and prints the result table with the published
 ConvNet anchors of the same method and IPC next to it, and the targets of the study (LD3M-DM vs
 pixel DM at IPC 10: +1 pp ConvNet, +2 pp unseen mean; every method above random-real).
 Resumable: rerunning the command skips every finished run, shard and evaluation.
 
-Budget (cpu_cifar10 preset): 100 distillation iterations, 300 evaluation epochs (LD3M's
-warm-up + cosine protocol with EMA), 10 experts x 10 epochs, the CPU prior (about 33 min on 2
-cores, trained once unless --prior is given). On 2 CPU cores LD3M-DM at IPC 10 took 8.8 s per
-iteration; the whole CIFAR-10 study is a many-hour job: run it on a cluster
-(`--executor slurm`) or overnight.
+Budget: the sweep files' presets (cpu_cifar10_short, cpu_imagenette128): 50 distillation
+iterations, 2 experts x 3 epochs, a 100-epoch evaluation protocol, one network per cell; the
+sweep trains the dataset's CPU prior once unless --prior is given. docs/benchmarks.md has the
+measured times: hours on 2 CPU cores for CIFAR-10, more for Imagenette-128; on a cluster use
+`--executor slurm`.
 
     .venv/bin/python benchmarks/quality.py --dataset cifar10 --executor local \
         --prior runs/prior_cifar10_cpu/prior
+    .venv/bin/python benchmarks/quality.py --dataset imagenette128 --executor local
     .venv/bin/python benchmarks/quality.py --dataset cifar10 --smoke  # pipeline check, ConvNet
 """
 
@@ -108,8 +109,7 @@ def main() -> None:
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "imagenette128"])
     p.add_argument("--executor", default="local", choices=["local", "slurm", "debug"])
     p.add_argument("--root", help="the dataset tar/folder (default: the preset's data.root)")
-    p.add_argument("--prior", help="use this prior instead of training one (or, for "
-                   "imagenette128, the prior to use: required)")  # fmt: skip
+    p.add_argument("--prior", help="use this prior instead of training one")
     p.add_argument("--smoke", action="store_true", help="tiny budgets: check the pipeline")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run")
     args = p.parse_args()
@@ -118,8 +118,6 @@ def main() -> None:
         overrides.append(f"data.root={args.root}")
     if args.prior:
         overrides.append(f"prior.path={args.prior}")
-    elif args.dataset == "imagenette128":
-        p.error("--prior is required for imagenette128 (the converted cin256-v2 or your own)")
     sweep = SWEEPS / f"quality_{args.dataset}_cpu.yaml"
     if args.smoke:  # its own sweep directory, so smoke results never mix with real ones
         overrides += SMOKE

@@ -50,6 +50,8 @@ def test_quickstart_runs_the_whole_study_locally(
     assert len(priors) == 1 and (priors[0] / "prior" / "prior.json").is_file()
     tasks = json.loads((root / "manifest.json").read_text())["tasks"]
     assert set(tasks) == {"prior", "experts", "distill", "baseline", "eval"}
+    # The prior, the 2 expert shards and the 2 baselines ran side by side, in one queue.
+    assert len(list((root / "logs" / "prior+experts+baseline" / "queue" / "done").iterdir())) == 5
     assert len(tasks["eval"]) == 5 * len(ROWS)
     # A second call trains nothing again and prints the same table.
     sets = {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")}

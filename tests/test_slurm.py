@@ -80,6 +80,9 @@ def test_sweep_runs_as_chained_arrays_and_tabulates(tmp_path: Path, capsys) -> N
     dependency = subprocess.run(["scontrol", "show", "job", manifest["tasks"]["eval"][0][1]],
                                 capture_output=True, text=True).stdout  # fmt: skip
     assert "Dependency=afterok:" in dependency or "JobState=COMPLETED" in dependency
+    baseline = subprocess.run(["scontrol", "show", "job", manifest["tasks"]["baseline"][0][1]],
+                              capture_output=True, text=True).stdout  # fmt: skip
+    assert "Dependency=(null)" in baseline  # random-real sets wait for nothing
     wait_until_gone([i.split("_")[0] for i in ids])
     rows = sweep_status(root)
     assert [r.state for r in rows] == ["done"] * 3, rows

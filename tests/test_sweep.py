@@ -16,7 +16,7 @@ from ld3m.config.io import presets_dir
 from ld3m.errors import ConfigError
 from ld3m.hpc import jobs
 from ld3m.hpc.status import format_status, sweep_status
-from ld3m.hpc.submit import Stage, plan, slurm_parameters, submit_sweep
+from ld3m.hpc.submit import Stage, levels, plan, slurm_parameters, submit_sweep
 from ld3m.hpc.sweep import SlurmSpec, eval_tasks, expand, grids, load_sweep
 from tests.test_datasets import make_tree
 
@@ -207,6 +207,25 @@ def test_train_prior_sweep_gives_latent_runs_one_shared_prior(tmp_path: Path) ->
     runs = expand(spec, where)
     assert "prior" not in {s.name for s in plan(spec, runs)}
     assert runs[0].cfg.prior.path == "/priors/mine"
+
+
+def test_stages_wait_only_for_the_stages_they_read(tmp_path: Path) -> None:
+    spec, where = load_sweep(write_sweep(tmp_path, train_prior=True,
+                                         grid={"distill.space": ["latent", "pixel"],
+                                               "distill.objective": ["dm", "mtt"]}))  # fmt: skip
+    stages = plan(spec, expand(spec, where))
+    assert {s.name: s.after for s in stages} == {
+        "prior": (), "experts": (), "baseline": (), "distill": ("prior", "experts"),
+        "eval": ("prior", "experts", "distill", "baseline"),
+    }  # fmt: skip
+    # Locally the prior, the expert shards and the baselines share the first queue.
+    assert [[s.name for s in level] for level in levels(stages)] == [
+        ["prior", "experts", "baseline"], ["distill"], ["eval"]]  # fmt: skip
+    # Without the prior and experts, distillation needs nothing: it joins the first level.
+    spec, where = load_sweep(write_sweep(tmp_path, grid={"distill.objective": ["dm"]}))
+    stages = plan(spec, expand(spec, where))
+    assert [[s.name for s in level] for level in levels(stages)] == [
+        ["distill", "baseline"], ["eval"]]  # fmt: skip
 
 
 def test_unknown_shipped_sweep_lists_the_shipped_ones() -> None:

@@ -269,6 +269,7 @@ class DistillConfig:
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     """DSA families."""
     mtt: MTTConfig = field(default_factory=MTTConfig)
+    """MTT settings."""
     dcc: DCCConfig = field(default_factory=DCCConfig)
     sre2l: SRe2LConfig = field(default_factory=SRe2LConfig)
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -276,7 +277,6 @@ class DistillConfig:
     (SRe2L's recover step)."""
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """Learning rate over the iterations: constant, or cosine to 0 (SRe2L)."""
-    """MTT settings."""
     nan_patience: int = 5
     """Abort after this many consecutive non-finite losses (each one skips its step)."""
     seed: int = 0

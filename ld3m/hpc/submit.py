@@ -1,12 +1,15 @@
 """`ld3m sweep`: expand a sweep file and submit its stages with submitit.
 
-On Slurm (`--executor slurm`) the stages become job arrays chained by `afterok` dependencies:
-prior (with train_prior) -> expert buffer shards -> distillation runs -> evaluation tasks (final
-set x architecture x seed), and the command returns as soon as everything is queued (or, with
-wait, when it is done). The `local` executor runs the same tasks, stage after stage, in
-`array_parallelism` local worker processes that share each stage's task queue
+Each stage waits only for the stages it reads from (`Stage.after`): the prior (with
+train_prior), the expert buffer shards and the random-real baselines need nothing and start at
+once; the HeLlO projectors need the experts; the distillation runs need the prior, the experts
+and the projectors; the evaluation tasks (final set x architecture x seed) need everything.
+On Slurm (`--executor slurm`) every stage is one job array with `afterok` on the arrays it
+needs, and the command returns as soon as everything is queued (or, with wait, when it is
+done). The `local` executor runs the stages level by level (a level: the stages whose needs are
+met), each level's tasks in one queue shared by `array_parallelism` local worker processes
 (`jobs.queue_worker`), and returns when the study is done; `debug` runs every task in this
-process (for tests and debugging).
+process, stage after stage (for tests and debugging).
 """
 
 from __future__ import annotations
@@ -46,15 +49,27 @@ POLL_S = 1.0
 
 @dataclass
 class Stage:
-    """One array of the study: its name and the argument tuples of its tasks."""
+    """One array of the study: its name, the argument tuples of its tasks, and the stages whose
+    tasks must all have succeeded before any of its own starts."""
 
     name: str
     tasks: list[tuple[Any, ...]]
     distributed: bool = False  # distillation: nodes x tasks_per_node processes per task
+    after: tuple[str, ...] = ()
+
+
+NEEDS = {  # stage -> the stages it reads from (absent ones are skipped)
+    "prior": (),
+    "experts": (),
+    "baseline": (),
+    "hello": ("experts",),
+    "distill": ("prior", "experts", "hello"),
+    "eval": ("prior", "experts", "hello", "distill", "baseline"),
+}
 
 
 def plan(spec: SweepSpec, runs: list[RunSpec]) -> list[Stage]:
-    """The stages of the study in order, each with its task arguments."""
+    """The stages of the study in order, each with its task arguments and its needs."""
     stages = []
     if "prior" in spec.stages:
         priors = {r.cfg.prior.path: r for r in runs if r.trains_prior}
@@ -81,7 +96,21 @@ def plan(spec: SweepSpec, runs: list[RunSpec]) -> list[Stage]:
         tasks = [("eval", str(r.config_path), r.kind, arch, seed)
                  for r in runs for arch, seed in eval_tasks(spec, r)]  # fmt: skip
         stages.append(Stage("eval", tasks))
-    return [s for s in stages if s.tasks]
+    stages = [s for s in stages if s.tasks]
+    present = {s.name for s in stages}
+    return [replace(s, after=tuple(n for n in NEEDS[s.name] if n in present)) for s in stages]
+
+
+def levels(stages: Sequence[Stage]) -> list[list[Stage]]:
+    """The stages grouped into levels, in order: a stage joins the level after the latest of
+    the stages it needs, so the stages of one level can run side by side."""
+    level: dict[str, int] = {}
+    for stage in stages:
+        level[stage.name] = max((level[n] + 1 for n in stage.after), default=0)
+    return [
+        [s for s in stages if level[s.name] == i]
+        for i in range(max(level.values(), default=-1) + 1)
+    ]
 
 
 def slurm_parameters(slurm: SlurmSpec, stage: Stage, name: str) -> dict[str, Any]:
@@ -137,32 +166,67 @@ def submit_sweep(path: str | Path, executor: str = "slurm", overrides: Sequence[
     root = sweep_dir(spec)
     jobs: dict[str, list[list[Any]]] = {}  # stage -> [[task arguments, job id], ...]
     write_manifest(root, spec, runs, jobs)
-    after: str | None = None
+    stages = plan(spec, runs)
     queued: list[tuple[Stage, list[submitit.Job]]] = []
-    for stage in plan(spec, runs):
-        folder = root / "logs" / stage.name
-        ex = make_executor(executor, folder, spec, stage)
+    arrays: dict[str, str] = {}  # stage -> its Slurm array's job id
+    for group in levels(stages) if executor == "local" else [[s] for s in stages]:
         if executor == "slurm":
-            if after:
-                ex.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{after}"})
-            submitted = submit_array(ex, stage.tasks)
-            after = submitted[0].job_id.split("_")[0]
+            (stage,) = group
+            submitted = submit_stage(root, spec, stage, [arrays[n] for n in stage.after])
+            arrays[stage.name] = submitted[0].job_id.split("_")[0]
             queued.append((stage, submitted))
-        elif executor == "local" and not (stage.distributed and spec.slurm.tasks_per_node > 1):
-            submitted = run_queue(ex, stage, folder / "queue", spec.slurm.array_parallelism,
-                                  progress)  # fmt: skip
+            done = [(stage, submitted)]
         else:
-            submitted = run_in_waves(ex, stage.tasks, spec.slurm.array_parallelism)
-        jobs[stage.name] = [
-            [list(t), j.job_id] for t, j in zip(stage.tasks, submitted, strict=True)
-        ]
+            done = run_level(executor, root, spec, group, progress)
+        for stage, submitted in done:
+            jobs[stage.name] = [
+                [list(t), j.job_id] for t, j in zip(stage.tasks, submitted, strict=True)
+            ]
+            log.info("%s: %d task(s) %s", stage.name, len(submitted),
+                     "queued" if executor == "slurm" else "done")  # fmt: skip
         write_manifest(root, spec, runs, jobs)
-        log.info("%s: %d task(s) %s", stage.name, len(submitted),
-                 "queued" if executor == "slurm" else "done")  # fmt: skip
     if wait:
         for stage, submitted in queued:
             wait_for(stage, submitted, progress)
     return root
+
+
+def submit_stage(root: Path, spec: SweepSpec, stage: Stage,
+                 needs: Sequence[str]) -> list[submitit.Job]:  # fmt: skip
+    """Queue one stage's array on Slurm, after the arrays (job ids) it needs."""
+    ex = make_executor("slurm", root / "logs" / stage.name, spec, stage)
+    if needs:
+        ex.update_parameters(
+            slurm_additional_parameters={"dependency": "afterok:" + ":".join(needs)}
+        )
+    return submit_array(ex, stage.tasks)
+
+
+def run_level(executor: str, root: Path, spec: SweepSpec, group: Sequence[Stage],
+              progress: str) -> list[tuple[Stage, list[submitit.Job]]]:  # fmt: skip
+    """Local/debug: run the stages of one level until done; per stage, the job of each task.
+
+    Locally the level's tasks share one queue (`logs/<stage>+<stage>/queue`); a distillation
+    stage with several processes per task runs in waves of its own.
+    """
+    waves = [
+        s for s in group if executor != "local" or (s.distributed and spec.slurm.tasks_per_node > 1)
+    ]
+    shared = [s for s in group if s not in waves]
+    done: list[tuple[Stage, list[submitit.Job]]] = []
+    if shared:
+        name = "+".join(s.name for s in shared)
+        folder = root / "logs" / name
+        tasks = [t for s in shared for t in s.tasks]
+        ex = make_executor(executor, folder, spec, shared[0])
+        jobs = run_queue(ex, name, tasks, folder / "queue", spec.slurm.array_parallelism, progress)
+        for stage in shared:
+            done.append((stage, jobs[: len(stage.tasks)]))
+            jobs = jobs[len(stage.tasks) :]
+    for stage in waves:
+        ex = make_executor(executor, root / "logs" / stage.name, spec, stage)
+        done.append((stage, run_in_waves(ex, stage.tasks, spec.slurm.array_parallelism)))
+    return done
 
 
 def submit_array(ex: submitit.Executor, tasks: Sequence[tuple[Any, ...]]) -> list[submitit.Job]:
@@ -184,19 +248,18 @@ def run_in_waves(ex: submitit.Executor, tasks: Sequence[tuple[Any, ...]],
     return done
 
 
-def run_queue(ex: submitit.Executor, stage: Stage, queue: Path, width: int,
-              progress: str) -> list[submitit.Job]:  # fmt: skip
-    """Local: `width` worker processes share the stage's tasks (one process start per worker,
-    not per task; never more workers than cores); returns, per task, the job of the worker that
-    ran it."""
+def run_queue(ex: submitit.Executor, name: str, tasks: Sequence[tuple[Any, ...]], queue: Path,
+              width: int, progress: str) -> list[submitit.Job]:  # fmt: skip
+    """Local: `width` worker processes share the tasks (one process start per worker, not per
+    task; never more workers than cores); returns, per task, the job of the worker that ran it."""
     shutil.rmtree(queue, ignore_errors=True)  # claims of an earlier submission
     cores = len(os.sched_getaffinity(0))
-    width = max(1, min(width, len(stage.tasks), cores))
+    width = max(1, min(width, len(tasks), cores))
     threads = max(1, cores // width)
-    workers = [ex.submit(StageJob(), "queue", str(queue), w, stage.tasks, threads)
+    workers = [ex.submit(StageJob(), "queue", str(queue), w, list(tasks), threads)
                for w in range(width)]  # fmt: skip
     done = queue / "done"
-    with tqdm(total=len(stage.tasks), desc=stage.name, unit="task",
+    with tqdm(total=len(tasks), desc=name, unit="task",
               disable=not show_progress(progress)) as bar:  # fmt: skip
         while not all(w.done() for w in workers):
             time.sleep(POLL_S)
@@ -204,7 +267,7 @@ def run_queue(ex: submitit.Executor, stage: Stage, queue: Path, width: int,
         bar.update(count_files(done) - bar.n)
     for w in workers:
         w.result()  # raises the first failure, with its traceback
-    owner = [int((queue / "claimed" / str(i)).read_text()) for i in range(len(stage.tasks))]
+    owner = [int((queue / "claimed" / str(i)).read_text()) for i in range(len(tasks))]
     return [workers[o] for o in owner]
 
 

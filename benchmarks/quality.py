@@ -2,16 +2,17 @@
 
 Runs the shipped sweep `sweeps/quality_<dataset>_cpu.yaml` (random-real, pixel DC/DM/MTT, LD3M
 DC/DM/MTT, the autoencoder-only ablation; IPC 1 and 10; every set on ConvNet, and on AlexNet,
-VGG11, ResNet18 and ViT those the unseen-architecture target compares) with the chosen executor, waits, and prints the result table with the published
-ConvNet anchors of the same method and IPC next to it, and the targets of the study (LD3M-DM vs
-pixel DM at IPC 10: +1 pp ConvNet, +2 pp unseen mean; every method above random-real).
-Resumable: rerunning the command skips every finished run, shard and evaluation.
+VGG11, ResNet18 and ViT the sets named in the sweep file's `eval.more`) with the chosen executor,
+waits, and prints the result table with the published ConvNet anchors of the same method and
+IPC next to it, and the targets of the study (LD3M-DM vs pixel DM at IPC 10: +1 pp ConvNet,
++2 pp unseen mean; every method above random-real). Resumable: rerunning the command skips
+every finished run, shard and evaluation.
 
-Budget: the sweep files' presets (cpu_cifar10_short, cpu_imagenette128): 50 distillation
-iterations, 2 experts x 3 epochs, a 100-epoch evaluation protocol, one network per cell; the
-sweep trains the dataset's CPU prior once unless --prior is given. docs/benchmarks.md has the
-measured times: hours on 2 CPU cores for CIFAR-10, more for Imagenette-128; on a cluster use
-`--executor slurm`.
+Budgets (one network per cell; the sweep trains the dataset's CPU prior once unless --prior is
+given): CIFAR-10, preset cpu_cifar10_short: 50 distillation iterations, 2 experts x 3 epochs, a
+100-epoch evaluation protocol. Imagenette-128, preset cpu_imagenette128: 20 iterations, 2
+experts x 1 epoch, the same protocol over 50 epochs. docs/benchmarks.md has the measured times:
+hours on 2 CPU cores; on a cluster use `--executor slurm`.
 
     .venv/bin/python benchmarks/quality.py --dataset cifar10 --executor local \
         --prior runs/prior_cifar10_cpu/prior

@@ -83,6 +83,39 @@ def test_keep_epochs_trains_only_the_kept_prefix(cfg: ExpertsConfig) -> None:
     assert train_expert(data, longer, seed=3, progress_mode="off").snapshots.shape[0] == 2
 
 
+@pytest.mark.parametrize("cfg", [FAST, AST], ids=["mtt", "ast"])
+def test_preempted_expert_resumes_at_its_last_epoch(
+    cfg: ExpertsConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Epoch checkpoints: an expert killed in epoch 3 resumes after epoch 2 (not from scratch)
+    and ends with exactly the uninterrupted trajectory (momentum, DSA stream and all)."""
+    data = tiny_dataset(train_per_class=8, test_per_class=2)
+    full = train_expert(data, cfg, seed=3, progress_mode="off")
+    epochs_run = []
+    real_epoch = train._train_epoch
+
+    def killed_in_epoch_3(*args, **kwargs):
+        epochs_run.append(args[-1])
+        if len(epochs_run) == 3:
+            raise KeyboardInterrupt("preempted")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_train_epoch", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(data, cfg, seed=3, progress_mode="off", ckpt=tmp_path / "ckpt")
+    resumed_epochs = []
+
+    def recorded(*args, **kwargs):
+        resumed_epochs.append(args[-1])
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_train_epoch", recorded)
+    resumed = train_expert(data, cfg, seed=3, progress_mode="off", ckpt=tmp_path / "ckpt")
+    assert resumed_epochs == ["seed 3 epoch 3"]  # epochs 1-2 came from the checkpoint
+    torch.testing.assert_close(resumed.snapshots, full.snapshots, rtol=0, atol=0)
+    assert resumed.test_acc == full.test_acc
+
+
 def test_ast_expert_options() -> None:
     """The clipping-loss factors, the input-gradient penalty against its closed form on a
     linear network, and AST experts that learn and differ from MTT's."""
@@ -127,6 +160,7 @@ def test_shards_are_named_per_task_and_skipped_when_complete(
     records = list(read_jsonl(tmp_path / "buf" / "experts.jsonl"))
     got = sorted((r["expert"], r["epoch"]) for r in records)
     assert got == [(k, e) for k in range(3) for e in (1, 2)]
+    assert not any((tmp_path / "buf" / train.CKPT_DIR).iterdir())  # epoch checkpoints removed
 
     def must_not_train(*args: object, **kwargs: object) -> Trajectory:
         raise AssertionError("a complete shard was trained again")

@@ -50,8 +50,10 @@ def test_quickstart_runs_the_whole_study_locally(
     assert len(priors) == 1 and (priors[0] / "prior" / "prior.json").is_file()
     tasks = json.loads((root / "manifest.json").read_text())["tasks"]
     assert set(tasks) == {"prior", "experts", "distill", "baseline", "eval"}
-    # The prior, the 2 expert shards and the 2 baselines ran side by side, in one queue.
-    assert len(list((root / "logs" / "prior+experts+baseline" / "queue" / "done").iterdir())) == 5
+    # Every task (1 prior, 2 expert shards, 8 runs, 2 baselines, 50 evaluations) went through
+    # one queue, each starting once what it reads was done.
+    queue = root / "logs" / "prior+experts+distill+baseline+eval" / "queue"
+    assert len(list((queue / "done").iterdir())) == 1 + 2 + 8 + 2 + 5 * len(ROWS)
     assert len(tasks["eval"]) == 5 * len(ROWS)
     # A second call trains nothing again and prints the same table.
     sets = {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")}

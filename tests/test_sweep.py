@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,15 @@ from ld3m.config.io import presets_dir
 from ld3m.errors import ConfigError
 from ld3m.hpc import jobs
 from ld3m.hpc.status import format_status, sweep_status
-from ld3m.hpc.submit import Stage, levels, plan, slurm_parameters, submit_sweep
+from ld3m.hpc.submit import (
+    Stage,
+    local_groups,
+    mark_unfinished_failed,
+    plan,
+    slurm_parameters,
+    submit_sweep,
+    task_needs,
+)
 from ld3m.hpc.sweep import SlurmSpec, eval_tasks, expand, grids, load_sweep
 from tests.test_datasets import make_tree
 
@@ -209,23 +218,73 @@ def test_train_prior_sweep_gives_latent_runs_one_shared_prior(tmp_path: Path) ->
     assert runs[0].cfg.prior.path == "/priors/mine"
 
 
-def test_stages_wait_only_for_the_stages_they_read(tmp_path: Path) -> None:
+def test_tasks_wait_only_for_what_they_read(tmp_path: Path) -> None:
     spec, where = load_sweep(write_sweep(tmp_path, train_prior=True,
                                          grid={"distill.space": ["latent", "pixel"],
                                                "distill.objective": ["dm", "mtt"]}))  # fmt: skip
-    stages = plan(spec, expand(spec, where))
+    runs = expand(spec, where)
+    config = {str(r.config_path): r.cfg for r in runs}
+    stages = plan(spec, runs)
     assert {s.name: s.after for s in stages} == {
         "prior": (), "experts": (), "baseline": (), "distill": ("prior", "experts"),
-        "eval": ("prior", "experts", "distill", "baseline"),
+        "eval": ("distill", "baseline"),
     }  # fmt: skip
-    # Locally the prior, the expert shards and the baselines share the first queue.
-    assert [[s.name for s in level] for level in levels(stages)] == [
-        ["prior", "experts", "baseline"], ["distill"], ["eval"]]  # fmt: skip
-    # Without the prior and experts, distillation needs nothing: it joins the first level.
-    spec, where = load_sweep(write_sweep(tmp_path, grid={"distill.objective": ["dm"]}))
-    stages = plan(spec, expand(spec, where))
-    assert [[s.name for s in level] for level in levels(stages)] == [
-        ["distill", "baseline"], ["eval"]]  # fmt: skip
+    tasks = [t for s in stages for t in s.tasks]
+    needs = task_needs(stages)
+    index = {t: i for i, t in enumerate(tasks)}
+    prior = [index[t] for t in stages[0].tasks]
+    shards = [index[t] for t in stages[1].tasks]
+    for task in stages[2].tasks:  # distill: latent runs need the prior, MTT runs the experts
+        cfg = config[task[1]]
+        expected = (prior if cfg.distill.space == "latent" else []) + (
+            shards if cfg.distill.objective == "mtt" else [])  # fmt: skip
+        assert needs[index[task]] == expected, cfg.distill
+    for task in stages[-1].tasks:  # an evaluation needs only the task that made its set
+        (maker,) = needs[index[task]]
+        assert tasks[maker][0] in ("distill", "baseline") and tasks[maker][1] == task[1]
+    # Locally everything shares one queue, unless a distillation runs several processes.
+    assert [[s.name for s in g] for g in local_groups("local", spec, stages)] == [
+        ["prior", "experts", "distill", "baseline", "eval"]]  # fmt: skip
+    wide = replace(spec, slurm=replace(spec.slurm, tasks_per_node=2))
+    assert [[s.name for s in g] for g in local_groups("local", wide, stages)] == [
+        ["prior", "experts"], ["distill"], ["baseline", "eval"]]  # fmt: skip
+
+
+def test_queue_skips_what_needs_a_failed_task_and_runs_the_rest(tmp_path: Path,
+                                                               monkeypatch) -> None:  # fmt: skip
+    ran: list[str] = []
+
+    def work(name: str) -> None:
+        if name == "bad":
+            raise RuntimeError("task failed")
+        ran.append(name)
+
+    monkeypatch.setitem(jobs.STAGES, "work", work)
+    tasks = [("work", "a"), ("work", "bad"), ("work", "after-bad"), ("work", "after-a")]
+    needs = [[], [], [1], [0]]
+    queue = tmp_path / "queue"
+    with pytest.raises(RuntimeError, match="task failed"):
+        jobs.queue_worker(str(queue), 0, tasks, needs=needs)
+    assert ran == ["a"] and (queue / "failed" / "1").exists()
+    assert jobs.queue_worker(str(queue), 1, tasks, needs=needs) == 1  # the other worker goes on
+    assert ran == ["a", "after-a"] and not (queue / "claimed" / "2").exists()
+
+
+def test_queue_waits_for_a_needed_task_another_worker_runs(tmp_path: Path) -> None:
+    queue = tmp_path / "queue"
+    for folder in ("claimed", "done", "failed"):
+        (queue / folder).mkdir(parents=True)
+    (queue / "claimed" / "0").write_text("1")  # worker 1 runs task 0
+    assert jobs.next_task(queue, 0, [[], [0]]) == -1  # task 1 needs it: wait
+    assert jobs.next_task(queue, 0, [[], []]) == 1
+    (queue / "done" / "0").touch()
+    assert jobs.next_task(queue, 0, [[], [0]]) == 1  # still held by worker 0 (a requeue)
+    (queue / "done" / "1").touch()
+    # Worker 1 dies holding task 2: its unfinished claims fail, so nobody waits on them.
+    (queue / "claimed" / "2").write_text("1")
+    mark_unfinished_failed(queue, 1)
+    assert sorted(p.name for p in (queue / "failed").iterdir()) == ["2"]
+    assert jobs.next_task(queue, 0, [[], [0], [], [2]]) is None
 
 
 def test_unknown_shipped_sweep_lists_the_shipped_ones() -> None:

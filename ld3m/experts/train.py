@@ -13,12 +13,15 @@ longer run and the later epochs would be thrown away anyway (tested).
 
 `ld3m experts --shard i/n` trains experts i, i+n, i+2n, ... (< experts.num) and writes them as
 one shard; a complete shard is skipped, so a requeued or rerun array task does nothing twice.
+While a shard trains, each expert checkpoints every epoch under `ckpt/shard_<i>_of_<n>/`, so a
+preempted task resumes at its last finished epoch (removed once the shard is written).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ld3m.checkpoint import CheckpointManager
 from ld3m.config.schema import Config, ExpertsConfig
 from ld3m.data.augment import DEFAULT_STRATEGY, DiffAugment
 from ld3m.data.datasets import DatasetInfo, RealDataset, load_dataset
@@ -49,6 +53,8 @@ log = logging.getLogger(__name__)
 
 TEST_BATCH = 500
 JSONL_NAME = "experts.jsonl"
+EXPERT_STATE = "state.pt"
+CKPT_DIR = "ckpt"  # per shard, the epoch checkpoints of its experts while they train
 
 
 def check_experts_config(cfg: ExpertsConfig) -> None:
@@ -84,9 +90,18 @@ def expert_spec(arch: str, info: DatasetInfo) -> ExpertSpec:
 
 
 def train_expert(
-    data: RealDataset, cfg: ExpertsConfig, seed: int, progress_mode: ProgressMode = "auto"
+    data: RealDataset,
+    cfg: ExpertsConfig,
+    seed: int,
+    progress_mode: ProgressMode = "auto",
+    ckpt: Path | None = None,
 ) -> Trajectory:
-    """Train one expert with seed `seed`; snapshots [trained_epochs + 1, P] (no file I/O)."""
+    """Train one expert with seed `seed`; snapshots [trained_epochs + 1, P].
+
+    With `ckpt`, the state after every epoch (network, optimizer, random stream, snapshots) is
+    checkpointed there and training resumes from the newest checkpoint: a preempted expert
+    loses at most one epoch, and the resumed trajectory equals an uninterrupted one.
+    """
     check_experts_config(cfg)
     net = seeded_network(cfg.arch, data.info, seed)
     gen = torch.Generator().manual_seed(seed)
@@ -94,20 +109,58 @@ def train_expert(
         net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
     augment = DiffAugment(DEFAULT_STRATEGY if cfg.dsa else "none")
-    snapshots, accs = [flatten_params(net)], []
+    state = ExpertState(net, optimizer, gen, [flatten_params(net)], [])
+    checkpoints = CheckpointManager(ckpt) if ckpt is not None else None
+    if checkpoints is not None and checkpoints.load_latest(state.load) is not None:
+        log.info("expert seed %d resumes after epoch %d (%s)", seed, state.epoch, ckpt)
     epochs = trained_epochs(cfg)
     net.train()
-    for epoch in progress(range(1, epochs + 1), progress_mode, desc=f"expert seed {seed}"):
+    bar = progress(range(state.epoch + 1, epochs + 1), progress_mode, desc=f"expert seed {seed}")
+    for epoch in bar:
         e = epoch - 1
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * (cfg.lr_gamma if 0 < cfg.lr_milestone <= e else 1.0)
         loss_fn = ExpertLoss(loss_scale(cfg, e), cfg.grad_penalty)
         _train_epoch(net, optimizer, data, cfg.batch, augment, gen, loss_fn,
                      f"seed {seed} epoch {epoch}")  # fmt: skip
-        snapshots.append(flatten_params(net))
-        accs.append(expert_accuracy(net, data))
-        log.info("expert seed %d epoch %d/%d test_acc %.4f", seed, epoch, epochs, accs[-1])
-    return Trajectory(torch.stack(snapshots), accs, cfg.arch, seed)
+        state.snapshots.append(flatten_params(net))
+        state.accs.append(expert_accuracy(net, data))
+        log.info("expert seed %d epoch %d/%d test_acc %.4f", seed, epoch, epochs, state.accs[-1])
+        if checkpoints is not None and epoch < epochs:
+            checkpoints.save(epoch, state.save)
+    return Trajectory(torch.stack(state.snapshots), state.accs, cfg.arch, seed)
+
+
+@dataclass
+class ExpertState:
+    """What an expert's training needs to continue after an epoch."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    gen: torch.Generator
+    snapshots: list[Tensor]
+    accs: list[float]
+
+    @property
+    def epoch(self) -> int:
+        return len(self.accs)
+
+    def save(self, folder: Path) -> None:
+        state = {
+            "net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "gen": self.gen.get_state(), "snapshots": torch.stack(self.snapshots),
+            "accs": torch.tensor(self.accs, dtype=torch.float64),
+        }  # fmt: skip
+        torch.save(state, folder / EXPERT_STATE)
+
+    def load(self, folder: Path) -> int:
+        state = torch.load(folder / EXPERT_STATE, map_location="cpu", weights_only=True)
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["gen"])
+        self.snapshots[:] = list(state["snapshots"])
+        self.accs[:] = state["accs"].tolist()
+        return self.epoch
 
 
 def loss_scale(cfg: ExpertsConfig, epoch: int) -> float:
@@ -218,21 +271,29 @@ def run_expert_shard(cfg: Config, i: int, n: int) -> tuple[Path, bool]:
     data = load_dataset(cfg.data)
     spec = expert_spec(ecfg.arch, data.info)
     store.check_new_shard(spec, n)
-    trajectories = train_shard(data, ecfg, experts, cfg.run.progress)
+    ckpt = store.root / CKPT_DIR / f"shard_{i}_of_{n}"
+    trajectories = train_shard(data, ecfg, experts, cfg.run.progress, ckpt)
     config = {"experts": asdict(ecfg), "data": asdict(cfg.data)}
     path = store.write_shard(i, n, trajectories, spec, config)
+    shutil.rmtree(ckpt, ignore_errors=True)  # the shard holds everything now
     _log_records(store.root / JSONL_NAME, trajectories, f"{i}/{n}")
     return path, True
 
 
 def train_shard(
-    data: RealDataset, cfg: ExpertsConfig, experts: Sequence[int], progress_mode: ProgressMode
+    data: RealDataset,
+    cfg: ExpertsConfig,
+    experts: Sequence[int],
+    progress_mode: ProgressMode,
+    ckpt: Path | None = None,
 ) -> list[Trajectory]:
-    """Train experts `experts` (expert k with seed cfg.seed + k), in order."""
+    """Train experts `experts` (expert k with seed cfg.seed + k), in order; with `ckpt`, each
+    checkpoints its epochs under `ckpt/expert_<k>/` (see `train_expert`)."""
     out = []
     for k in experts:
         log.info("training expert %d (%s, seed %d)", k, cfg.arch, cfg.seed + k)
-        traj = train_expert(data, cfg, cfg.seed + k, progress_mode)
+        where = ckpt / f"expert_{k:05d}" if ckpt is not None else None
+        traj = train_expert(data, cfg, cfg.seed + k, progress_mode, where)
         out.append(Trajectory(traj.snapshots, traj.test_acc, traj.arch, traj.seed, k))
     return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from ld3m.paths import RunPaths
 from ld3m.utils.threads import configure_threads
 
 log = logging.getLogger(__name__)
+QUEUE_POLL_S = 1.0  # how often a waiting queue worker looks for a ready task
 
 
 def job_config(path: str) -> Config:
@@ -111,30 +113,63 @@ def eval_stage(config: str, kind: str, arch: str, seed: int) -> dict[str, Any]:
     return evaluate_set(set_path, cfg.data, ecfg, out, "off")[0]
 
 
-def queue_worker(queue: str, worker: int, tasks: list[tuple[Any, ...]], threads: int = 0) -> int:
-    """Run tasks of a shared queue until none is left; returns how many this worker ran.
+def queue_worker(
+    queue: str,
+    worker: int,
+    tasks: list[tuple[Any, ...]],
+    threads: int = 0,
+    needs: list[list[int]] | None = None,
+) -> int:
+    """Run tasks of a shared queue until none is left for this worker; returns how many it ran.
 
     Several workers get the same task list and claim tasks by creating `claimed/<i>` (atomic
     O_EXCL), so fast workers take more: one process start per worker instead of per task. A
-    requeued worker first finishes the tasks it had claimed. Each finished task leaves
-    `done/<i>`, which `ld3m sweep` counts for its progress bar. `threads` > 0 sets torch's
-    threads for tasks whose run.threads is 0 (the machine's cores shared among the workers).
+    task is claimed once every task in `needs[i]` (earlier indices) is done; a worker with
+    nothing ready waits while some task may still become ready. A requeued worker first
+    finishes the tasks it had claimed. Each finished task leaves `done/<i>` (which `ld3m sweep`
+    counts for its progress bar), each failed one `failed/<i>`: the tasks that need it are
+    skipped, the others go on. `threads` > 0 sets torch's threads for tasks whose run.threads
+    is 0 (the machine's cores shared among the workers).
     """
     if threads > 0:
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
     root = Path(queue)
-    claimed, done = root / "claimed", root / "done"
-    for folder in (claimed, done):
-        folder.mkdir(parents=True, exist_ok=True)
+    for folder in ("claimed", "done", "failed"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    needs = needs or [[] for _ in tasks]
     ran = 0
-    for i, task in enumerate(tasks):
-        if (done / str(i)).exists() or not claim(claimed / str(i), worker):
+    while (i := next_task(root, worker, needs)) is not None:
+        if i < 0:
+            time.sleep(QUEUE_POLL_S)
             continue
-        STAGES[task[0]](*task[1:])
-        (done / str(i)).touch()
+        try:
+            STAGES[tasks[i][0]](*tasks[i][1:])
+        except BaseException:
+            (root / "failed" / str(i)).touch()
+            raise
+        (root / "done" / str(i)).touch()
         ran += 1
     return ran
+
+
+def next_task(root: Path, worker: int, needs: list[list[int]]) -> int | None:
+    """The index of the next task `worker` holds (claimed now or before a requeue), -1 when
+    none is ready but one may become so, None when nothing is left for this worker."""
+    done = {int(p.name) for p in (root / "done").iterdir()}
+    blocked = {int(p.name) for p in (root / "failed").iterdir()}
+    waiting = False
+    for i, reads in enumerate(needs):
+        if i in done or i in blocked:
+            continue
+        if any(j in blocked for j in reads):  # needs point backwards: one pass propagates
+            blocked.add(i)
+        elif all(j in done for j in reads):
+            if claim(root / "claimed" / str(i), worker):
+                return i
+        else:
+            waiting = True
+    return -1 if waiting else None
 
 
 def claim(path: Path, worker: int) -> bool:

@@ -1,15 +1,16 @@
 """`ld3m sweep`: expand a sweep file and submit its stages with submitit.
 
-Each stage waits only for the stages it reads from (`Stage.after`): the prior (with
-train_prior), the expert buffer shards and the random-real baselines need nothing and start at
-once; the HeLlO projectors need the experts; the distillation runs need the prior, the experts
-and the projectors; the evaluation tasks (final set x architecture x seed) need everything.
+Each task waits only for what it reads (`plan`): the prior (with train_prior), the expert
+buffer shards and the random-real baselines need nothing and start at once; a HeLlO projector
+needs its experts; a distillation run its prior and experts; an evaluation task (final set x
+architecture x seed) its run, and for soft labels its teacher or projector.
 On Slurm (`--executor slurm`) every stage is one job array with `afterok` on the arrays it
 needs, and the command returns as soon as everything is queued (or, with wait, when it is
-done). The `local` executor runs the stages level by level (a level: the stages whose needs are
-met), each level's tasks in one queue shared by `array_parallelism` local worker processes
-(`jobs.queue_worker`), and returns when the study is done; `debug` runs every task in this
-process, stage after stage (for tests and debugging).
+done). The `local` executor puts every task in one queue shared by `array_parallelism` local
+worker processes (`jobs.queue_worker`), where each task starts as soon as the tasks it reads
+from are done (a pixel-space run does not wait for the prior, an evaluation only for its own
+run), and returns when the study is done; `debug` runs every task in this process, stage after
+stage (for tests and debugging).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,68 +50,120 @@ POLL_S = 1.0
 
 @dataclass
 class Stage:
-    """One array of the study: its name, the argument tuples of its tasks, and the stages whose
-    tasks must all have succeeded before any of its own starts."""
+    """One array of the study: its name, the argument tuples of its tasks, what each task
+    writes (`provides`, a key such as `prior:<path>`; "" for nothing another task reads) and
+    the keys each task reads (`reads`), and the stages whose tasks must all have succeeded
+    before any of its own starts on Slurm (`after`, derived from the keys)."""
 
     name: str
     tasks: list[tuple[Any, ...]]
     distributed: bool = False  # distillation: nodes x tasks_per_node processes per task
+    provides: list[str] = field(default_factory=list)
+    reads: list[tuple[str, ...]] = field(default_factory=list)
     after: tuple[str, ...] = ()
 
-
-NEEDS = {  # stage -> the stages it reads from (absent ones are skipped)
-    "prior": (),
-    "experts": (),
-    "baseline": (),
-    "hello": ("experts",),
-    "distill": ("prior", "experts", "hello"),
-    "eval": ("prior", "experts", "hello", "distill", "baseline"),
-}
+    def add(self, task: tuple[Any, ...], provides: str = "", reads: tuple[str, ...] = ()) -> None:
+        self.tasks.append(task)
+        self.provides.append(provides)
+        self.reads.append(reads)
 
 
 def plan(spec: SweepSpec, runs: list[RunSpec]) -> list[Stage]:
-    """The stages of the study in order, each with its task arguments and its needs."""
-    stages = []
-    if "prior" in spec.stages:
-        priors = {r.cfg.prior.path: r for r in runs if r.trains_prior}
-        stages.append(Stage("prior", [("prior", str(r.config_path)) for r in priors.values()]))
-    if "experts" in spec.stages:
-        tasks, seen = [], set()
-        for run in runs:
-            cfg = run.cfg
-            if not run.reads_experts or cfg.experts.dir in seen:
-                continue
-            seen.add(cfg.experts.dir)
-            shards = max(1, min(cfg.experts.num, spec.slurm.array_parallelism))
-            tasks += [("experts", str(run.config_path), i, shards) for i in range(shards)]
-        stages.append(Stage("experts", tasks))
-    if "hello" in spec.stages:
-        projectors = {r.cfg.eval.projector: r for r in runs if r.trains_projector}
-        stages.append(Stage("hello", [("hello", str(r.config_path)) for r in projectors.values()]))
-    if "distill" in spec.stages:
-        distill = [("distill", str(r.config_path)) for r in runs if r.kind == "distill"]
-        stages.append(Stage("distill", distill, distributed=True))
-        baselines = [("baseline", str(r.config_path)) for r in runs if r.kind == "baseline"]
-        stages.append(Stage("baseline", baselines))
-    if "eval" in spec.stages:
-        tasks = [("eval", str(r.config_path), r.kind, arch, seed)
-                 for r in runs for arch, seed in eval_tasks(spec, r)]  # fmt: skip
-        stages.append(Stage("eval", tasks))
-    stages = [s for s in stages if s.tasks]
-    present = {s.name for s in stages}
-    return [replace(s, after=tuple(n for n in NEEDS[s.name] if n in present)) for s in stages]
+    """The stages of the study in order, each task with the keys it writes and reads: a prior
+    (train_prior), the expert buffers' shards and the random-real baselines read nothing; a
+    HeLlO projector reads its experts; a distillation reads its prior and experts; an
+    evaluation reads its run's final set and, for soft labels, its teacher or projector."""
+    names = ("prior", "experts", "hello", "distill", "baseline", "eval")
+    stage = {n: Stage(n, [], distributed=n == "distill") for n in names}
+    priors = first_run_per(runs, lambda r: r.cfg.prior.path if r.trains_prior else "")
+    for path, run in priors.items():
+        stage["prior"].add(("prior", str(run.config_path)), f"prior:{path}")
+    buffers = first_run_per(runs, lambda r: r.cfg.experts.dir if r.reads_experts else "")
+    for path, run in buffers.items():
+        shards = max(1, min(run.cfg.experts.num, spec.slurm.array_parallelism))
+        for i in range(shards):
+            stage["experts"].add(("experts", str(run.config_path), i, shards), f"experts:{path}")
+    projectors = first_run_per(runs, lambda r: r.cfg.eval.projector if r.trains_projector else "")
+    for path, run in projectors.items():
+        stage["hello"].add(("hello", str(run.config_path)), f"hello:{path}",
+                           (f"experts:{run.cfg.experts.dir}",))  # fmt: skip
+    for run in runs:
+        kind = run.kind  # "distill" or "baseline"
+        reads = distill_reads(run) if kind == "distill" else ()
+        stage[kind].add((kind, str(run.config_path)), f"run:{run.dir}", reads)
+    for run in runs:
+        for arch, seed in eval_tasks(spec, run):
+            stage["eval"].add(("eval", str(run.config_path), run.kind, arch, seed),
+                              reads=eval_reads(run))  # fmt: skip
+    selected = {*spec.stages, *(("baseline",) if "distill" in spec.stages else ())}
+    stages = [s for n, s in stage.items() if n in selected and s.tasks]
+    makers = {key: s.name for s in stages for key in s.provides if key}
+    return [replace(s, after=stage_after(s, makers)) for s in stages]
 
 
-def levels(stages: Sequence[Stage]) -> list[list[Stage]]:
-    """The stages grouped into levels, in order: a stage joins the level after the latest of
-    the stages it needs, so the stages of one level can run side by side."""
-    level: dict[str, int] = {}
+def first_run_per(runs: list[RunSpec], key: Callable[[RunSpec], str]) -> dict[str, RunSpec]:
+    """The first run of each non-empty key (the runs sharing a prior, buffer or projector)."""
+    first: dict[str, RunSpec] = {}
+    for run in runs:
+        if key(run):
+            first.setdefault(key(run), run)
+    return first
+
+
+def stage_after(stage: Stage, makers: dict[str, str]) -> tuple[str, ...]:
+    """The other stages that write a key some task of `stage` reads, in plan order."""
+    after = (makers[k] for reads in stage.reads for k in reads if k in makers)
+    return tuple(dict.fromkeys(n for n in after if n != stage.name))
+
+
+def distill_reads(run: RunSpec) -> tuple[str, ...]:
+    """The keys a distillation run reads: the prior the sweep trains, its expert buffer."""
+    reads = (f"prior:{run.cfg.prior.path}",) if run.trains_prior else ()
+    return reads + ((f"experts:{run.cfg.experts.dir}",) if run.reads_experts else ())
+
+
+def eval_reads(run: RunSpec) -> tuple[str, ...]:
+    """The keys an evaluation of a run reads: the run's final set, and for soft labels the
+    teacher's expert buffer or the HeLlO projector the sweep trains."""
+    cfg = run.cfg
+    reads: tuple[str, ...] = (f"run:{run.dir}",)
+    teacher = cfg.eval.labels == "teacher" and not cfg.eval.teacher
+    if run.reads_experts and (teacher or run.trains_projector):
+        reads += (f"experts:{cfg.experts.dir}",)
+    if run.trains_projector:
+        reads += (f"hello:{cfg.eval.projector}",)
+    return reads
+
+
+def task_needs(stages: Sequence[Stage]) -> list[list[int]]:
+    """Per task of the stages taken together (in order), the earlier tasks it needs: those
+    that write a key it reads. Keys no task here writes are already on disk."""
+    makers: dict[str, list[int]] = {}
+    needs: list[list[int]] = []
     for stage in stages:
-        level[stage.name] = max((level[n] + 1 for n in stage.after), default=0)
-    return [
-        [s for s in stages if level[s.name] == i]
-        for i in range(max(level.values(), default=-1) + 1)
-    ]
+        for provides, reads in zip(stage.provides, stage.reads, strict=True):
+            needs.append(sorted({j for key in reads for j in makers.get(key, ())}))
+            if provides:
+                makers.setdefault(provides, []).append(len(needs) - 1)
+    return needs
+
+
+def in_waves(executor: str, spec: SweepSpec, stage: Stage) -> bool:
+    """Locally, a stage runs on its own in waves of jobs (not in a shared queue of workers)
+    under `debug`, and when it is a distillation with several processes per task."""
+    return executor == "debug" or (stage.distributed and spec.slurm.tasks_per_node > 1)
+
+
+def local_groups(executor: str, spec: SweepSpec, stages: Sequence[Stage]) -> list[list[Stage]]:
+    """The groups in which the local executors run the stages, in order: consecutive stages
+    share one queue; a stage that runs in waves is a group of its own."""
+    groups: list[list[Stage]] = [[]]
+    for stage in stages:
+        if in_waves(executor, spec, stage):
+            groups += [[stage], []]
+        else:
+            groups[-1].append(stage)
+    return [g for g in groups if g]
 
 
 def slurm_parameters(slurm: SlurmSpec, stage: Stage, name: str) -> dict[str, Any]:
@@ -169,7 +222,8 @@ def submit_sweep(path: str | Path, executor: str = "slurm", overrides: Sequence[
     stages = plan(spec, runs)
     queued: list[tuple[Stage, list[submitit.Job]]] = []
     arrays: dict[str, str] = {}  # stage -> its Slurm array's job id
-    for group in levels(stages) if executor == "local" else [[s] for s in stages]:
+    groups = [[s] for s in stages] if executor == "slurm" else local_groups(executor, spec, stages)
+    for group in groups:
         if executor == "slurm":
             (stage,) = group
             submitted = submit_stage(root, spec, stage, [arrays[n] for n in stage.after])
@@ -177,7 +231,7 @@ def submit_sweep(path: str | Path, executor: str = "slurm", overrides: Sequence[
             queued.append((stage, submitted))
             done = [(stage, submitted)]
         else:
-            done = run_level(executor, root, spec, group, progress)
+            done = run_group(executor, root, spec, group, progress)
         for stage, submitted in done:
             jobs[stage.name] = [
                 [list(t), j.job_id] for t, j in zip(stage.tasks, submitted, strict=True)
@@ -202,30 +256,27 @@ def submit_stage(root: Path, spec: SweepSpec, stage: Stage,
     return submit_array(ex, stage.tasks)
 
 
-def run_level(executor: str, root: Path, spec: SweepSpec, group: Sequence[Stage],
+def run_group(executor: str, root: Path, spec: SweepSpec, group: Sequence[Stage],
               progress: str) -> list[tuple[Stage, list[submitit.Job]]]:  # fmt: skip
-    """Local/debug: run the stages of one level until done; per stage, the job of each task.
+    """Local/debug: run one group of stages until done; per stage, the job of each task.
 
-    Locally the level's tasks share one queue (`logs/<stage>+<stage>/queue`); a distillation
-    stage with several processes per task runs in waves of its own.
+    A group's tasks share one queue (`logs/<stage>+<stage>/queue`), each task starting as soon
+    as the tasks it needs are done; a stage that runs in waves runs alone.
     """
-    waves = [
-        s for s in group if executor != "local" or (s.distributed and spec.slurm.tasks_per_node > 1)
-    ]
-    shared = [s for s in group if s not in waves]
-    done: list[tuple[Stage, list[submitit.Job]]] = []
-    if shared:
-        name = "+".join(s.name for s in shared)
-        folder = root / "logs" / name
-        tasks = [t for s in shared for t in s.tasks]
-        ex = make_executor(executor, folder, spec, shared[0])
-        jobs = run_queue(ex, name, tasks, folder / "queue", spec.slurm.array_parallelism, progress)
-        for stage in shared:
-            done.append((stage, jobs[: len(stage.tasks)]))
-            jobs = jobs[len(stage.tasks) :]
-    for stage in waves:
+    if in_waves(executor, spec, group[0]):
+        (stage,) = group
         ex = make_executor(executor, root / "logs" / stage.name, spec, stage)
-        done.append((stage, run_in_waves(ex, stage.tasks, spec.slurm.array_parallelism)))
+        return [(stage, run_in_waves(ex, stage.tasks, spec.slurm.array_parallelism))]
+    name = "+".join(s.name for s in group)
+    folder = root / "logs" / name
+    tasks = [t for s in group for t in s.tasks]
+    ex = make_executor(executor, folder, spec, group[0])
+    jobs = run_queue(ex, name, tasks, task_needs(group), folder / "queue",
+                     spec.slurm.array_parallelism, progress)  # fmt: skip
+    done: list[tuple[Stage, list[submitit.Job]]] = []
+    for stage in group:
+        done.append((stage, jobs[: len(stage.tasks)]))
+        jobs = jobs[len(stage.tasks) :]
     return done
 
 
@@ -248,27 +299,42 @@ def run_in_waves(ex: submitit.Executor, tasks: Sequence[tuple[Any, ...]],
     return done
 
 
-def run_queue(ex: submitit.Executor, name: str, tasks: Sequence[tuple[Any, ...]], queue: Path,
-              width: int, progress: str) -> list[submitit.Job]:  # fmt: skip
+def run_queue(ex: submitit.Executor, name: str, tasks: Sequence[tuple[Any, ...]],
+              needs: Sequence[Sequence[int]], queue: Path, width: int,
+              progress: str) -> list[submitit.Job]:  # fmt: skip
     """Local: `width` worker processes share the tasks (one process start per worker, not per
-    task; never more workers than cores); returns, per task, the job of the worker that ran it."""
+    task; never more workers than cores), each task once the tasks it `needs` are done;
+    returns, per task, the job of the worker that ran it. A worker that dies (killed, not by an
+    exception of its task) leaves its unfinished tasks marked failed, so nobody waits on them."""
     shutil.rmtree(queue, ignore_errors=True)  # claims of an earlier submission
     cores = len(os.sched_getaffinity(0))
     width = max(1, min(width, len(tasks), cores))
     threads = max(1, cores // width)
-    workers = [ex.submit(StageJob(), "queue", str(queue), w, list(tasks), threads)
+    workers = [ex.submit(StageJob(), "queue", str(queue), w, list(tasks), threads, list(needs))
                for w in range(width)]  # fmt: skip
-    done = queue / "done"
+    done, ended = queue / "done", set()
     with tqdm(total=len(tasks), desc=name, unit="task",
               disable=not show_progress(progress)) as bar:  # fmt: skip
-        while not all(w.done() for w in workers):
+        while len(ended) < len(workers):
             time.sleep(POLL_S)
+            for w, job in enumerate(workers):
+                if w not in ended and job.done():
+                    ended.add(w)
+                    mark_unfinished_failed(queue, w)
             bar.update(count_files(done) - bar.n)
-        bar.update(count_files(done) - bar.n)
     for w in workers:
         w.result()  # raises the first failure, with its traceback
     owner = [int((queue / "claimed" / str(i)).read_text()) for i in range(len(tasks))]
     return [workers[o] for o in owner]
+
+
+def mark_unfinished_failed(queue: Path, worker: int) -> None:
+    """Mark the tasks an ended worker claimed but did not finish as failed (`failed/<i>`)."""
+    claimed = queue / "claimed"
+    for path in claimed.iterdir() if claimed.is_dir() else ():
+        if path.read_text().strip() == str(worker) and not (queue / "done" / path.name).exists():
+            (queue / "failed").mkdir(exist_ok=True)
+            (queue / "failed" / path.name).touch()
 
 
 def count_files(folder: Path) -> int:

@@ -270,6 +270,26 @@ def test_queue_skips_what_needs_a_failed_task_and_runs_the_rest(tmp_path: Path,
     assert ran == ["a", "after-a"] and not (queue / "claimed" / "2").exists()
 
 
+def test_a_preempted_worker_resumes_its_task_when_requeued(tmp_path: Path, monkeypatch) -> None:
+    """submitit's requeue exits the worker (SystemExit) mid-task: that is not a failure; the
+    requeued worker (same id) runs the task it holds again, then the rest."""
+    ran: list[str] = []
+
+    def work(name: str) -> None:
+        if name == "long" and "long" not in ran:
+            ran.append("long")
+            raise SystemExit(3)  # what submitit's timeout handler does after requeueing
+        ran.append(name)
+
+    monkeypatch.setitem(jobs.STAGES, "work", work)
+    tasks, needs, queue = [("work", "long"), ("work", "next")], [[], [0]], tmp_path / "queue"
+    with pytest.raises(SystemExit):
+        jobs.queue_worker(str(queue), 0, tasks, needs=needs)
+    assert not (queue / "failed" / "0").exists()
+    assert jobs.queue_worker(str(queue), 0, tasks, needs=needs) == 2
+    assert ran == ["long", "long", "next"]
+
+
 def test_queue_waits_for_a_needed_task_another_worker_runs(tmp_path: Path) -> None:
     queue = tmp_path / "queue"
     for folder in ("claimed", "done", "failed"):

@@ -145,7 +145,7 @@ def queue_worker(
             continue
         try:
             STAGES[tasks[i][0]](*tasks[i][1:])
-        except BaseException:
+        except Exception:  # not SystemExit: a timeout or preemption requeues the worker
             (root / "failed" / str(i)).touch()
             raise
         (root / "done" / str(i)).touch()

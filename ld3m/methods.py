@@ -38,8 +38,12 @@ def needs_experts(cfg: Config, kind: str = "distill") -> bool:
     uses experts, its evaluation takes soft labels from a teacher without eval.teacher, or
     from a projector the sweep trains on weak expert teachers."""
     distills = kind == "distill" and cfg.distill.objective in EXPERT_OBJECTIVES
-    teacher = cfg.eval.labels == "teacher" and not cfg.eval.teacher
-    return distills or teacher or needs_projector(cfg)
+    return distills or labels_need_teacher(cfg) or needs_projector(cfg)
+
+
+def labels_need_teacher(cfg: Config) -> bool:
+    """The evaluation takes soft labels from the teacher of experts.dir (no eval.teacher)."""
+    return cfg.eval.labels == "teacher" and not cfg.eval.teacher
 
 
 def needs_projector(cfg: Config) -> bool:

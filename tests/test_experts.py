@@ -114,6 +114,10 @@ def test_preempted_expert_resumes_at_its_last_epoch(
     assert resumed_epochs == ["seed 3 epoch 3"]  # epochs 1-2 came from the checkpoint
     torch.testing.assert_close(resumed.snapshots, full.snapshots, rtol=0, atol=0)
     assert resumed.test_acc == full.test_acc
+    # A checkpoint of other settings is not resumed: a clear error names the folder.
+    with pytest.raises(CheckpointError, match="other experts settings"):
+        train_expert(data, dataclasses.replace(cfg, lr=0.01, epochs=4), seed=3,
+                     progress_mode="off", ckpt=tmp_path / "ckpt")  # fmt: skip
 
 
 def test_ast_expert_options() -> None:

@@ -20,7 +20,6 @@ from ld3m.hpc.status import format_status, sweep_status
 from ld3m.hpc.submit import (
     Stage,
     local_groups,
-    mark_unfinished_failed,
     plan,
     slurm_parameters,
     submit_sweep,
@@ -302,7 +301,7 @@ def test_queue_waits_for_a_needed_task_another_worker_runs(tmp_path: Path) -> No
     (queue / "done" / "1").touch()
     # Worker 1 dies holding task 2: its unfinished claims fail, so nobody waits on them.
     (queue / "claimed" / "2").write_text("1")
-    mark_unfinished_failed(queue, 1)
+    jobs.mark_unfinished_failed(queue, 1)
     assert sorted(p.name for p in (queue / "failed").iterdir()) == ["2"]
     assert jobs.next_task(queue, 0, [[], [0], [], [2]]) is None
 
@@ -348,6 +347,13 @@ def test_teacher_runs_and_soft_label_baselines_get_an_expert_buffer(tmp_path: Pa
     assert runs[2].kind == "baseline" and runs[2].cfg.experts.dir == runs[0].cfg.experts.dir
     stages = {s.name: s.tasks for s in plan(spec, runs)}
     assert len(stages["experts"]) == 2  # one buffer (2 experts -> 2 shards), trained once
+    # The DM run distils without its experts; its soft-label evaluation waits for the teacher.
+    stage = {s.name: s for s in plan(spec, runs)}
+    teacher = f"experts:{runs[0].cfg.experts.dir}"
+    distill = dict(zip(stage["distill"].tasks, stage["distill"].reads, strict=True))
+    assert teacher in distill[("distill", str(runs[0].config_path))]  # sre2l reads its teacher
+    assert teacher not in distill[("distill", str(runs[1].config_path))]  # dm does not
+    assert all(teacher in reads for reads in stage["eval"].reads)
     hard = [*tiny_overrides(tmp_path), "experts.arch=ConvNetBN"]
     spec, where = load_sweep(write_sweep(tmp_path, overrides=hard,
                                          grid={"distill.objective": ["dm"]}))  # fmt: skip

@@ -19,6 +19,7 @@ preempted task resumes at its last finished epoch (removed once the shard is wri
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -109,7 +110,8 @@ def train_expert(
         net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
     augment = DiffAugment(DEFAULT_STRATEGY if cfg.dsa else "none")
-    state = ExpertState(net, optimizer, gen, [flatten_params(net)], [])
+    settings = json.dumps({"experts": asdict(cfg), "seed": seed}, sort_keys=True)
+    state = ExpertState(net, optimizer, gen, [flatten_params(net)], [], settings)
     checkpoints = CheckpointManager(ckpt) if ckpt is not None else None
     if checkpoints is not None and checkpoints.load_latest(state.load) is not None:
         log.info("expert seed %d resumes after epoch %d (%s)", seed, state.epoch, ckpt)
@@ -140,6 +142,7 @@ class ExpertState:
     gen: torch.Generator
     snapshots: list[Tensor]
     accs: list[float]
+    settings: str  # the expert settings and seed (JSON): a checkpoint of others is not resumed
 
     @property
     def epoch(self) -> int:
@@ -149,12 +152,14 @@ class ExpertState:
         state = {
             "net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
             "gen": self.gen.get_state(), "snapshots": torch.stack(self.snapshots),
-            "accs": torch.tensor(self.accs, dtype=torch.float64),
+            "accs": torch.tensor(self.accs, dtype=torch.float64), "settings": self.settings,
         }  # fmt: skip
         torch.save(state, folder / EXPERT_STATE)
 
     def load(self, folder: Path) -> int:
         state = torch.load(folder / EXPERT_STATE, map_location="cpu", weights_only=True)
+        if state.get("settings", self.settings) != self.settings:  # older ones did not say
+            raise ValueError("it was trained with other experts settings or another seed")
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.gen.set_state(state["gen"])

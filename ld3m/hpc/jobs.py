@@ -172,6 +172,15 @@ def next_task(root: Path, worker: int, needs: list[list[int]]) -> int | None:
     return -1 if waiting else None
 
 
+def mark_unfinished_failed(queue: Path, worker: int) -> None:
+    """Mark the tasks an ended worker claimed but did not finish as failed (`failed/<i>`)."""
+    claimed = queue / "claimed"
+    for path in claimed.iterdir() if claimed.is_dir() else ():
+        if path.read_text().strip() == str(worker) and not (queue / "done" / path.name).exists():
+            (queue / "failed").mkdir(exist_ok=True)
+            (queue / "failed" / path.name).touch()
+
+
 def claim(path: Path, worker: int) -> bool:
     """Claim a task for `worker`: True if this worker now holds it (new, or claimed before)."""
     try:

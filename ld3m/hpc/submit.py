@@ -28,7 +28,7 @@ from typing import Any
 import submitit
 from tqdm import tqdm
 
-from ld3m.hpc.jobs import StageJob
+from ld3m.hpc.jobs import StageJob, mark_unfinished_failed
 from ld3m.hpc.sweep import (
     RunSpec,
     SlurmSpec,
@@ -40,6 +40,7 @@ from ld3m.hpc.sweep import (
     write_configs,
     write_manifest,
 )
+from ld3m.methods import EXPERT_OBJECTIVES, labels_need_teacher
 from ld3m.utils.progress import show_progress
 
 log = logging.getLogger(__name__)
@@ -117,18 +118,19 @@ def stage_after(stage: Stage, makers: dict[str, str]) -> tuple[str, ...]:
 
 
 def distill_reads(run: RunSpec) -> tuple[str, ...]:
-    """The keys a distillation run reads: the prior the sweep trains, its expert buffer."""
+    """The keys a distillation run reads: the prior the sweep trains, and the expert buffer
+    when its objective uses experts (MTT's trajectories, SRe2L's teacher)."""
     reads = (f"prior:{run.cfg.prior.path}",) if run.trains_prior else ()
-    return reads + ((f"experts:{run.cfg.experts.dir}",) if run.reads_experts else ())
+    uses_experts = run.reads_experts and run.cfg.distill.objective in EXPERT_OBJECTIVES
+    return reads + ((f"experts:{run.cfg.experts.dir}",) if uses_experts else ())
 
 
 def eval_reads(run: RunSpec) -> tuple[str, ...]:
     """The keys an evaluation of a run reads: the run's final set, and for soft labels the
-    teacher's expert buffer or the HeLlO projector the sweep trains."""
+    teacher's expert buffer or the HeLlO projector the sweep trains (and its experts)."""
     cfg = run.cfg
     reads: tuple[str, ...] = (f"run:{run.dir}",)
-    teacher = cfg.eval.labels == "teacher" and not cfg.eval.teacher
-    if run.reads_experts and (teacher or run.trains_projector):
+    if run.reads_experts and (labels_need_teacher(cfg) or run.trains_projector):
         reads += (f"experts:{cfg.experts.dir}",)
     if run.trains_projector:
         reads += (f"hello:{cfg.eval.projector}",)
@@ -326,15 +328,6 @@ def run_queue(ex: submitit.Executor, name: str, tasks: Sequence[tuple[Any, ...]]
         w.result()  # raises the first failure, with its traceback
     owner = [int((queue / "claimed" / str(i)).read_text()) for i in range(len(tasks))]
     return [workers[o] for o in owner]
-
-
-def mark_unfinished_failed(queue: Path, worker: int) -> None:
-    """Mark the tasks an ended worker claimed but did not finish as failed (`failed/<i>`)."""
-    claimed = queue / "claimed"
-    for path in claimed.iterdir() if claimed.is_dir() else ():
-        if path.read_text().strip() == str(worker) and not (queue / "done" / path.name).exists():
-            (queue / "failed").mkdir(exist_ok=True)
-            (queue / "failed" / path.name).touch()
 
 
 def count_files(folder: Path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ld3m.cli import main
 from ld3m.config.io import load_config
 from ld3m.config.schema import Config
+from ld3m.data.datasets import load_dataset
 from ld3m.errors import ConfigError
 from ld3m.jsonl import read_jsonl
 from ld3m.paths import RunPaths
 from ld3m.prior.model import load_prior
+from ld3m.prior.quality import psnr, round_trip
 from ld3m.prior.train import train_prior
 
 TINY = [
@@ -113,7 +116,33 @@ def test_sample_grid_and_quality_are_recorded(full_run: tuple[Path, str]) -> Non
     assert (grid.width, grid.height) == (3 * 20, 10 * 20)  # 3 per class, one row per class
     assert (out / "samples.png").is_file()
     tags = {r["tag"] for r in read_jsonl(RunPaths(out).metrics_jsonl)}
-    assert {"quality/class_consistency", "quality/real_test_acc"} <= tags
+    assert {
+        "quality/class_consistency",
+        "quality/real_test_acc",
+        "quality/recon_psnr",
+        "quality/recon_test_acc",
+    } <= tags
+    assert "autoencoder round trips of test images: PSNR" in full_run[1]
+
+
+def test_psnr_of_known_errors() -> None:
+    a = torch.full((2, 1, 4, 4), 100, dtype=torch.uint8)
+    assert psnr(a, a) == float("inf")
+    assert psnr(a, a + 1) == pytest.approx(10 * math.log10(255**2), abs=1e-9)  # mse 1
+    assert psnr(a, a + 10) == pytest.approx(10 * math.log10(255**2 / 100), abs=1e-9)
+
+
+def test_round_trip_converts_pixels_exactly(full_run: tuple[Path, str], cache: Path) -> None:
+    """With an identity autoencoder the round trip returns the uint8 images unchanged; the
+    trained one returns images of the same shape that differ from them."""
+    out, _ = full_run
+    prior = load_prior(out / "prior")
+    real = load_dataset(tiny_config(out, cache).data).test_images[:150]  # > one chunk
+    trips = round_trip(prior, real)
+    assert trips.shape == real.shape and trips.dtype == torch.uint8
+    assert 0 < psnr(trips, real) < float("inf")
+    prior.encode = prior.decode = lambda x: x  # type: ignore[method-assign]
+    assert torch.equal(round_trip(prior, real), real)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path: Path, cache: Path) -> None:

@@ -2,13 +2,18 @@
 
 A ConvNet is trained on the REAL training set, checked on the real test set, then asked to
 classify class-conditional DDIM samples of the prior. The share it labels as the class they
-were drawn for is the class consistency (chance = 1 / num_classes).
+were drawn for is the class consistency (chance = 1 / num_classes). The autoencoder is checked
+on its own: real test images go through encode + decode, and the report gives the round trips'
+PSNR and the same ConvNet's accuracy on them (LD3M starts from such round trips, so a weak
+autoencoder caps every latent-space result).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +30,8 @@ CLASSIFIER_WIDTH = 32
 CLASSIFIER_LR = 1e-3
 BATCH = 128
 SAMPLE_CHUNK = 100
+RECON_IMAGES = 500
+"""Real test images (evenly spaced) the autoencoder round trip is measured on."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,10 @@ class QualityReport:
     """Share of samples the real-data ConvNet assigns to the class they were drawn for."""
     real_test_acc: float
     """The same ConvNet's accuracy on the real test split (how much to trust the first number)."""
+    recon_psnr: float
+    """PSNR (dB, 8-bit pixels) of autoencoder round trips of real test images."""
+    recon_test_acc: float
+    """The ConvNet's accuracy on those round trips (against real_test_acc on the originals)."""
     n_per_class: int
     guidance: float
     steps: int
@@ -44,7 +55,9 @@ class QualityReport:
         return (
             f"class consistency {self.class_consistency:.3f} (chance {1 / num_classes:.3f}; "
             f"real-data {CLASSIFIER} test accuracy {self.real_test_acc:.3f}; {self.n_per_class} "
-            f"samples per class, guidance {self.guidance}, {self.steps} DDIM steps)"
+            f"samples per class, guidance {self.guidance}, {self.steps} DDIM steps); autoencoder "
+            f"round trips of test images: PSNR {self.recon_psnr:.1f} dB, {CLASSIFIER} accuracy "
+            f"{self.recon_test_acc:.3f}"
         )
 
     def as_metrics(self) -> dict[str, float]:
@@ -52,6 +65,8 @@ class QualityReport:
         return {
             "quality/class_consistency": self.class_consistency,
             "quality/real_test_acc": self.real_test_acc,
+            "quality/recon_psnr": self.recon_psnr,
+            "quality/recon_test_acc": self.recon_test_acc,
         }
 
 
@@ -147,6 +162,49 @@ def to_uint8(images: torch.Tensor, res: int) -> torch.Tensor:
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio (dB) between two uint8 image tensors of one shape."""
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@torch.no_grad()
+def round_trip(prior: Prior, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [N, C, H, W] through the prior's encode + decode, as uint8 at the same size."""
+    device = prior.class_embeddings.device
+    res = images.shape[-1]
+    parts = []
+    for x in images.split(SAMPLE_CHUNK):
+        z = prior.encode(x.to(device).float() / 127.5 - 1)
+        parts.append(to_uint8(prior.decode(z).clamp(-1.0, 1.0).cpu(), res))
+    return torch.cat(parts)
+
+
+class RoundTripReport(NamedTuple):
+    """The autoencoder on real test images: how close, and how recognisable, its round trips are."""
+
+    psnr: float
+    acc_round_trips: float
+    """A real-data classifier's accuracy on the round trips ..."""
+    acc_originals: float
+    """... and on the same images as they are."""
+
+
+def measure_autoencoder(
+    prior: Prior, net: nn.Module, data: RealDataset, n_images: int = RECON_IMAGES
+) -> RoundTripReport:
+    """Round trips of `n_images` evenly spaced real test images, judged by classifier `net`."""
+    pick = torch.linspace(0, len(data.test_labels) - 1, min(n_images, len(data.test_labels)))
+    idx = pick.round().long().unique()
+    originals, labels = data.test_images[idx], data.test_labels[idx]
+    trips = round_trip(prior, originals)
+    return RoundTripReport(
+        psnr(trips, originals),
+        _accuracy(net, data, trips, labels),
+        _accuracy(net, data, originals, labels),
+    )
+
+
 def measure_quality(
     prior: Prior,
     data: RealDataset,
@@ -164,7 +222,16 @@ def measure_quality(
     gen = torch.Generator().manual_seed(seed)
     images = _sample_chunked(prior, prior_classes(prior, data)[labels], guidance, steps, gen)
     consistency = _accuracy(net, data, to_uint8(images, data.info.res), labels)
-    return QualityReport(consistency, real_acc, n_per_class, guidance, steps)
+    trips = measure_autoencoder(prior, net, data)
+    return QualityReport(
+        class_consistency=consistency,
+        real_test_acc=real_acc,
+        recon_psnr=trips.psnr,
+        recon_test_acc=trips.acc_round_trips,
+        n_per_class=n_per_class,
+        guidance=guidance,
+        steps=steps,
+    )
 
 
 def class_consistency(

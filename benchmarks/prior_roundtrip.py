@@ -20,8 +20,7 @@ import torch
 from ld3m.config.io import load_config
 from ld3m.data.datasets import load_dataset
 from ld3m.experts.sampler import first_expert
-from ld3m.models.functional import load_flat
-from ld3m.models.networks import build_network
+from ld3m.models.teacher import expert_network
 from ld3m.prior.model import load_prior
 from ld3m.prior.quality import RECON_IMAGES, measure_autoencoder
 
@@ -38,8 +37,7 @@ def main() -> None:
     data = load_dataset(load_config(args.config, args.overrides).data)
     expert = first_expert(args.experts)
     info = data.info
-    net = load_flat(build_network(expert.arch, info.channels, info.num_classes, info.res),
-                    expert.snapshots[-1]).eval()  # fmt: skip
+    net = expert_network(expert, info).eval()
     report = measure_autoencoder(load_prior(args.prior), net, data, args.images)
     print(
         f"{info.name} at {info.res} px, {min(args.images, len(data.test_labels))} test images: "

@@ -15,16 +15,20 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ld3m.data.datasets import RealDataset
+from ld3m.data.datasets import DatasetInfo, RealDataset
 from ld3m.errors import ConfigError
 from ld3m.models.functional import load_flat
 from ld3m.models.networks import build_network
+
+if TYPE_CHECKING:
+    from ld3m.experts.store import Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +49,19 @@ def load_teacher(buffer: str | Path, data: RealDataset, batch: int = 500) -> nn.
         raise ConfigError("the soft-label teacher needs an expert buffer: set experts.dir (or "
                           "eval.teacher) to one trained with experts.arch=ConvNetBN")  # fmt: skip
     traj = first_expert(buffer)
-    info = data.info
-    net = build_network(traj.arch, info.channels, info.num_classes, info.res)
-    load_flat(net, traj.snapshots[-1])
+    net = expert_network(traj, data.info)
     cache = Path(buffer) / STATS_FILE
     stamp = stats_stamp(traj.snapshots[-1], data, batch)
     if not read_stats(net, cache, stamp):
         calibrate(net, data, batch, f"teacher {traj.arch} of {buffer}")
         write_stats(net, cache, stamp)
     return net.eval().requires_grad_(False)
+
+
+def expert_network(traj: Trajectory, info: DatasetInfo) -> nn.Module:
+    """The network of an expert's last snapshot (train mode, as built)."""
+    net = build_network(traj.arch, info.channels, info.num_classes, info.res)
+    return load_flat(net, traj.snapshots[-1])
 
 
 def stats_stamp(params: torch.Tensor, data: RealDataset, batch: int) -> str:

@@ -155,6 +155,11 @@ def prior_classes(prior: Prior, data: RealDataset) -> torch.Tensor:
     return torch.arange(info.num_classes)
 
 
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [B, C, H, W] -> float in [-1, 1] (the inverse of `to_uint8` at one size)."""
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
 def to_uint8(images: torch.Tensor, res: int) -> torch.Tensor:
     """Images [N, C, H, W] in [-1, 1] as uint8 at `res` px, like decoded real images."""
     if images.shape[-1] != res:
@@ -175,7 +180,7 @@ def round_trip(prior: Prior, images: torch.Tensor) -> torch.Tensor:
     res = images.shape[-1]
     parts = []
     for x in images.split(SAMPLE_CHUNK):
-        z = prior.encode(x.to(device).float() / 127.5 - 1)
+        z = prior.encode(to_pixels(x).to(device))
         parts.append(to_uint8(prior.decode(z).clamp(-1.0, 1.0).cpu(), res))
     return torch.cat(parts)
 

@@ -31,7 +31,7 @@ from ld3m.errors import ConfigError, TrainingError
 from ld3m.paths import STATE_FILE, RunPaths
 from ld3m.prior.model import Prior, save_prior
 from ld3m.prior.parts import AutoencoderLoss, Parts, build_parts, check_config, factor, make_spec
-from ld3m.prior.quality import measure_quality, sample_grid
+from ld3m.prior.quality import measure_quality, sample_grid, to_pixels
 from ld3m.tracking import Tracker, make_tracker, save_png
 from ld3m.utils.progress import show_progress
 from ld3m.utils.seeding import stream
@@ -48,11 +48,6 @@ def batch_indices(n: int, batch: int, step: int, seed: int, rank: int, world: in
     epoch, pos = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=stream(seed, epoch, 0, 0))
     return perm[pos * batch : (pos + 1) * batch][rank::world]
-
-
-def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images [B, C, H, W] -> float in [-1, 1]."""
-    return images.to(torch.float32) / 127.5 - 1.0
 
 
 @dataclass

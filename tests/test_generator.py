@@ -193,6 +193,26 @@ def test_two_phase_reuses_noise_and_redrawn_noise_would_be_wrong(
     assert (latents.grad - grad_z).abs().max() > 1e-3 * grad_z.abs().max()
 
 
+@pytest.mark.parametrize(("ckpt", "calls"), [(False, 1), (True, 2)])  # N = 3, CHUNK = 2
+def test_single_generates_in_one_call_unless_checkpointing_bounds_memory(
+    prior64: Prior, autograd_reference: tuple[torch.Tensor, ...], ckpt: bool, calls: int
+) -> None:
+    grad_z = autograd_reference[2]
+    latents, context, noise = inputs(prior64)
+    generator = make(prior64)
+    sizes: list[int] = []
+    original = generator.generate
+
+    def recording(z: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        sizes.append(len(z))
+        return original(z, *args, **kwargs)
+
+    generator.generate = recording
+    generate_and_backward(generator, latents, context, noise, loss_fn, "single", ckpt, CHUNK)
+    assert len(sizes) == calls and sum(sizes) == N
+    torch.testing.assert_close(latents.grad, grad_z, rtol=1e-4, atol=1e-4 * grad_z.abs().max())
+
+
 def test_two_phase_accepts_a_loss_that_backpropagates_itself(
     prior64: Prior, autograd_reference: tuple[torch.Tensor, ...]
 ) -> None:

@@ -132,7 +132,8 @@ class GeneratorConfig:
     checkpointing: Literal["auto", "on", "off"] = "auto"
     """Activation checkpointing of every UNet call; `auto` decides with the scheme."""
     chunk: int = 10
-    """Images per generator call."""
+    """Images per generator call where chunks bound memory (two_phase, checkpointing); `single`
+    without checkpointing keeps every activation anyway and generates all images in one call."""
     memory_budget_gb: float = 0.0
     """Memory the generator may use for activations when `scheme=auto`; 0 = 70% of free memory."""
     bf16: bool = False

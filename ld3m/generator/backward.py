@@ -6,7 +6,8 @@ Schemes (cost per image in UNet forward-equivalents, a backward counted as two f
                                    checkpointed regeneration with grad and images.backward(gX)
     two_phase                  4   same, regeneration keeps its activations (one chunk's worth)
     single + checkpointing     4   one graph over all images, UNet calls checkpointed
-    single                     3   one graph over all images with every activation
+    single                     3   one graph over all images with every activation, all
+                                   images in one call (chunks would save no memory)
 
 Every scheme reuses the caller's noise in both phases (the released code redrew it, so it
 differentiated images the loss never saw). `choose_scheme` picks the cheapest that fits a
@@ -97,6 +98,8 @@ def _single(
     checkpointing: bool,
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if not checkpointing:  # every activation is kept anyway: one call is as lean and faster
+        chunk = len(latents)
     parts = _slices(len(latents), chunk)
     images = torch.cat(
         [generator.generate(latents[p], context[p], noise[p], checkpointing) for p in parts]
@@ -174,7 +177,7 @@ def predict_memory(
     work = b * p.unet_call  # one call's forward/backward working set (recompute under ckpt)
     images = 2 * n_images * p.image  # two_phase keeps X and its gradient
     return {
-        ("single", False): n_images * plain + work,
+        ("single", False): n_images * (plain + p.unet_call),  # all images in one call
         ("single", True): n_images * ckpt + 2 * work,
         ("two_phase", False): b * plain + work + images,
         ("two_phase", True): b * ckpt + 2 * work + images,
@@ -216,10 +219,11 @@ def choose_scheme(
     gb = 1e9
     for option in sorted(allowed, key=lambda o: (COST[o], predicted[o])):
         if predicted[option] <= budget:
+            chunk = n_images if option == ("single", False) else generator.cfg.chunk
             reason = (
                 f"{option_name(option)}: {COST[option]} UNet forward-equivalents per image, "
                 f"predicted {predicted[option] / gb:.2f} GB <= budget {budget / gb:.2f} GB "
-                f"for {n_images} images (chunk {generator.cfg.chunk})"
+                f"for {n_images} images (chunk {min(chunk, n_images)})"
             )
             log.info("generator scheme %s", reason)
             return option[0], option[1], reason

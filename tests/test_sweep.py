@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ import yaml
 
 from ld3m.cli import main
 from ld3m.config.io import presets_dir
-from ld3m.errors import ConfigError
+from ld3m.errors import ConfigError, Interrupted
 from ld3m.hpc import jobs
 from ld3m.hpc.status import format_status, sweep_status
 from ld3m.hpc.submit import (
@@ -26,6 +27,7 @@ from ld3m.hpc.submit import (
     task_needs,
 )
 from ld3m.hpc.sweep import SlurmSpec, eval_tasks, expand, grids, load_sweep
+from ld3m.utils.signals import StopFlag
 from tests.test_datasets import make_tree
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -287,6 +289,29 @@ def test_a_preempted_worker_resumes_its_task_when_requeued(tmp_path: Path, monke
     assert not (queue / "failed" / "0").exists()
     assert jobs.queue_worker(str(queue), 0, tasks, needs=needs) == 2
     assert ran == ["long", "long", "next"]
+
+
+def test_a_stop_signal_ends_the_worker_after_its_task(tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM during a task that still ends normally (a run at its last step, whose own
+    StopFlag heard it) stops the worker before it claims the next task."""
+    ran: list[str] = []
+
+    def work(name: str) -> None:
+        with StopFlag() as inner:
+            if name == "a" and not ran:
+                os.kill(os.getpid(), signal.SIGTERM)
+            assert inner.requested == (name == "a" and not ran)
+        ran.append(name)
+
+    monkeypatch.setitem(jobs.STAGES, "work", work)
+    tasks, queue = [("work", "a"), ("work", "b")], tmp_path / "queue"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted, match="rerun the same command"):
+        jobs.queue_worker(str(queue), 0, tasks)
+    assert ran == ["a"] and sorted(p.name for p in (queue / "done").iterdir()) == ["0"]
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored
+    assert jobs.queue_worker(str(queue), 0, tasks) == 1  # the rerun runs the rest
+    assert ran == ["a", "b"]
 
 
 def test_queue_waits_for_a_needed_task_another_worker_runs(tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ import torch
 
 from ld3m.config.io import load_config
 from ld3m.config.schema import Config
+from ld3m.errors import Interrupted
 from ld3m.paths import RunPaths
+from ld3m.utils.signals import StopFlag
 from ld3m.utils.threads import configure_threads
 
 log = logging.getLogger(__name__)
@@ -129,7 +131,8 @@ def queue_worker(
     finishes the tasks it had claimed. Each finished task leaves `done/<i>` (which `ld3m sweep`
     counts for its progress bar), each failed one `failed/<i>`: the tasks that need it are
     skipped, the others go on. `threads` > 0 sets torch's threads for tasks whose run.threads
-    is 0 (the machine's cores shared among the workers).
+    is 0 (the machine's cores shared among the workers). SIGTERM / SIGUSR1 end the worker
+    after its current task (a distillation checkpoints at its next step) with `Interrupted`.
     """
     if threads > 0:
         os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -139,17 +142,23 @@ def queue_worker(
         (root / folder).mkdir(parents=True, exist_ok=True)
     needs = needs or [[] for _ in tasks]
     ran = 0
-    while (i := next_task(root, worker, needs)) is not None:
-        if i < 0:
-            time.sleep(QUEUE_POLL_S)
-            continue
-        try:
-            STAGES[tasks[i][0]](*tasks[i][1:])
-        except Exception:  # not SystemExit: a timeout or preemption requeues the worker
-            (root / "failed" / str(i)).touch()
-            raise
-        (root / "done" / str(i)).touch()
-        ran += 1
+    with StopFlag() as stop:  # a stop signal ends the worker between tasks
+        while not stop.requested and (i := next_task(root, worker, needs)) is not None:
+            if i < 0:
+                time.sleep(QUEUE_POLL_S)
+                continue
+            try:
+                STAGES[tasks[i][0]](*tasks[i][1:])
+            except Exception:  # not SystemExit: a timeout or preemption requeues the worker
+                (root / "failed" / str(i)).touch()
+                raise
+            (root / "done" / str(i)).touch()
+            ran += 1
+    if stop.requested:
+        raise Interrupted(
+            f"queue worker {worker} stopped by a signal after {ran} task(s); "
+            "rerun the same command to run the rest"
+        )
     return ran
 
 

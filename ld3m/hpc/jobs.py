@@ -130,9 +130,10 @@ def queue_worker(
     nothing ready waits while some task may still become ready. A requeued worker first
     finishes the tasks it had claimed. Each finished task leaves `done/<i>` (which `ld3m sweep`
     counts for its progress bar), each failed one `failed/<i>`: the tasks that need it are
-    skipped, the others go on. `threads` > 0 sets torch's threads for tasks whose run.threads
-    is 0 (the machine's cores shared among the workers). SIGTERM / SIGUSR1 end the worker
-    after its current task (a distillation checkpoints at its next step) with `Interrupted`.
+    skipped, the others go on (this worker too; it raises the first error at the end).
+    `threads` > 0 sets torch's threads for tasks whose run.threads is 0 (the machine's cores
+    shared among the workers). SIGTERM / SIGUSR1 end the worker after its current task (a
+    distillation checkpoints at its next step) with `Interrupted`.
     """
     if threads > 0:
         os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -141,7 +142,7 @@ def queue_worker(
     for folder in ("claimed", "done", "failed"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     needs = needs or [[] for _ in tasks]
-    ran = 0
+    ran, first_error = 0, None
     with StopFlag() as stop:  # a stop signal ends the worker between tasks
         while not stop.requested and (i := next_task(root, worker, needs)) is not None:
             if i < 0:
@@ -149,11 +150,15 @@ def queue_worker(
                 continue
             try:
                 STAGES[tasks[i][0]](*tasks[i][1:])
-            except Exception:  # not SystemExit: a timeout or preemption requeues the worker
+            except Exception as error:  # not SystemExit: a timeout or preemption requeues
                 (root / "failed" / str(i)).touch()
-                raise
+                log.exception("task %d %s failed; this worker goes on with the others", i, tasks[i])
+                first_error = first_error or error
+                continue
             (root / "done" / str(i)).touch()
             ran += 1
+    if first_error is not None:
+        raise first_error
     if stop.requested:
         raise Interrupted(
             f"queue worker {worker} stopped by a signal after {ran} task(s); "

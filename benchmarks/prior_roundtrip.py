@@ -41,8 +41,7 @@ def main() -> None:
     report = measure_autoencoder(load_prior(args.prior), net, data, args.images)
     print(
         f"{info.name} at {info.res} px, {min(args.images, len(data.test_labels))} test images: "
-        f"round-trip PSNR "
-        f"{report.psnr:.2f} dB; expert {expert.expert} ({expert.arch}, "
+        f"round-trip PSNR {report.psnr:.2f} dB; expert {expert.expert} ({expert.arch}, "
         f"{100 * expert.test_acc[-1]:.1f} % on the whole test split) accuracy "
         f"{100 * report.acc_originals:.1f} % on the originals, "
         f"{100 * report.acc_round_trips:.1f} % on the round trips"

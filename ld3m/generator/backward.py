@@ -64,6 +64,12 @@ def generate_and_backward(
     raise ConfigError(f"generator.scheme={scheme!r}: use two_phase or single")
 
 
+def images_per_call(option: Option, n_images: int, chunk: int) -> int:
+    """`single` without checkpointing keeps every activation anyway, so it renders all images
+    in one call (faster, no more memory); the other options go `chunk` at a time."""
+    return n_images if option == ("single", False) else min(chunk, n_images)
+
+
 def _slices(n: int, chunk: int) -> Iterator[slice]:
     return (slice(i, min(i + chunk, n)) for i in range(0, n, max(chunk, 1)))
 
@@ -98,9 +104,7 @@ def _single(
     checkpointing: bool,
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if not checkpointing:  # every activation is kept anyway: one call is as lean and faster
-        chunk = len(latents)
-    parts = _slices(len(latents), chunk)
+    parts = _slices(len(latents), images_per_call(("single", checkpointing), len(latents), chunk))
     images = torch.cat(
         [generator.generate(latents[p], context[p], noise[p], checkpointing) for p in parts]
     )
@@ -177,7 +181,7 @@ def predict_memory(
     work = b * p.unet_call  # one call's forward/backward working set (recompute under ckpt)
     images = 2 * n_images * p.image  # two_phase keeps X and its gradient
     return {
-        ("single", False): n_images * (plain + p.unet_call),  # all images in one call
+        ("single", False): n_images * (plain + p.unet_call),  # one call: images_per_call
         ("single", True): n_images * ckpt + 2 * work,
         ("two_phase", False): b * plain + work + images,
         ("two_phase", True): b * ckpt + 2 * work + images,
@@ -219,11 +223,11 @@ def choose_scheme(
     gb = 1e9
     for option in sorted(allowed, key=lambda o: (COST[o], predicted[o])):
         if predicted[option] <= budget:
-            chunk = n_images if option == ("single", False) else generator.cfg.chunk
+            chunk = images_per_call(option, n_images, generator.cfg.chunk)
             reason = (
                 f"{option_name(option)}: {COST[option]} UNet forward-equivalents per image, "
                 f"predicted {predicted[option] / gb:.2f} GB <= budget {budget / gb:.2f} GB "
-                f"for {n_images} images (chunk {min(chunk, n_images)})"
+                f"for {n_images} images (chunk {chunk})"
             )
             log.info("generator scheme %s", reason)
             return option[0], option[1], reason

@@ -24,7 +24,13 @@ from ld3m.evaluate.harness import (
     summarize,
     unseen_mean,
 )
-from ld3m.evaluate.train_eval import TrainData, make_scheduler, resolve_lr, train_and_test
+from ld3m.evaluate.train_eval import (
+    RunResult,
+    TrainData,
+    make_scheduler,
+    resolve_lr,
+    train_and_test,
+)
 
 
 def separable(n_per_class: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,6 +155,29 @@ def test_random_real_then_eval_records(mnist: DataConfig, tmp_path: Path, monkey
     monkeypatch.setattr(harness, "train_and_test", lambda *a, **k: pytest.fail("retrained"))
     assert evaluate_set(path, mnist, cfg, out, "off") == records
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_per_ipc_learning_rates_apply_to_sets_of_their_ipc(
+    mnist: DataConfig, tmp_path: Path, monkeypatch
+) -> None:
+    cfg = load_config(None, ["eval.lr=0.01", "eval.arch_lr={AlexNet: 0.03}",
+                             "eval.ipc_arch_lr={1: {AlexNet: 0.005}}"]).eval  # fmt: skip
+    assert cfg.ipc_arch_lr == {1: {"AlexNet": 0.005}}
+    cfg = dataclasses.replace(cfg, archs=("AlexNet", "ConvNet"), runs=1)
+    monkeypatch.setattr(harness, "train_and_test", lambda arch, data, ecfg, lr, *a: RunResult(
+        acc=0.5, train_acc=1.0, lr=lr, wall_s=0.0))  # fmt: skip
+    data = load_dataset(mnist)
+    lrs, keys = {}, {}
+    for ipc in (1, 10):
+        path = save_set(tmp_path / f"ipc{ipc}.safetensors", random_real_set(data, ipc, seed=0))
+        records = evaluate_set(path, mnist, cfg, tmp_path / "eval.jsonl", "off")
+        lrs[ipc] = [r["lr"] for r in records]
+        keys[ipc] = records[0]["protocol"]
+    assert lrs == {1: [0.005, 0.01], 10: [0.03, 0.01]}
+    # A table for IPC 1 leaves the IPC-10 protocol as it was: its records stay valid.
+    assert keys[10] == protocol_key(dataclasses.replace(cfg, ipc_arch_lr={})) != keys[1]
+    with pytest.raises(ValueError, match="at_ipc"):
+        protocol_key(cfg)
 
 
 def test_eval_refuses_a_set_from_another_dataset(mnist: DataConfig, tmp_path: Path) -> None:

@@ -77,6 +77,10 @@ def test_expansion_is_stable_and_names_runs_by_config(tmp_path: Path) -> None:
     assert runs[0].cfg.run.out_dir == str(runs[0].dir)
     changed = load_sweep(write_sweep(tmp_path, overrides=[*spec.overrides, "distill.lr=3"]))
     assert expand(*changed)[0].name != names[0]  # another config, another directory
+    # Another evaluation protocol evaluates the same distilled sets (eval.jsonl keys records
+    # by protocol), so it keeps the directories.
+    reeval = load_sweep(write_sweep(tmp_path, overrides=[*spec.overrides, "eval.lr=0.5"]))
+    assert [r.name for r in expand(*reeval)] == names
     stages = plan(spec, runs)
     assert [s.name for s in stages] == ["experts", "distill", "baseline", "eval"]
     assert len(stages[-1].tasks) == 3 * 2  # 3 final sets x 2 architectures x 1 seed

@@ -26,3 +26,17 @@ def test_formatted_table_shows_spread_only_over_several_networks() -> None:
     row = formatted(table).iloc[0]
     assert row["ConvNet"] == "55.0 ± 5.0" and row["ViT"] == "30.0" and row[UNSEEN] == "25.0"
     assert list(formatted(table).columns)[3:] == ["ConvNet", "ResNet18", "ViT", UNSEEN]
+
+
+def test_a_run_shows_its_config_protocol_else_the_newest_never_a_mix() -> None:
+    rows = records([("dm", "ConvNet", 10, 0, 0.50), ("dm", "ConvNet", 10, 0, 0.70),
+                    ("dm", "ViT", 10, 0, 0.30), ("dc", "ConvNet", 10, 0, 0.40),
+                    ("dc", "ConvNet", 10, 0, 0.20)])  # fmt: skip
+    rows["protocol"] = ["old", "new", "old", "a", "b"]
+    rows["config_protocol"] = ["new", "new", "new", "c", "c"]
+    table = summary_table(rows)
+    # dm: the config's protocol only (its ViT network is of the old protocol: not shown);
+    # dc: no record of the config's protocol, so the one written last.
+    assert table.loc[("d", "dm", 10), ("mean", "ConvNet")] == 70.0
+    assert ("mean", "ViT") not in table.columns
+    assert table.loc[("d", "dc", 10), ("mean", "ConvNet")] == 20.0

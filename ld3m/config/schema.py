@@ -50,6 +50,9 @@ class EvalConfig:
     """Learning rate; None takes LD3M's per-architecture table (1e-3, VGG11 1e-4)."""
     arch_lr: dict[str, float] = field(default_factory=dict)
     """Per-architecture learning rates ahead of `lr`, e.g. {VGG11: 1.0e-4}."""
+    ipc_arch_lr: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Per-IPC learning rates ahead of `arch_lr`, e.g. {1: {AlexNet: 0.01}}: a rate chosen for
+    100 images can diverge on the 10 of an IPC-1 set."""
     learned_lr: bool = False
     """Use the synthetic set's learned step size (MTT protocol) when it carries one."""
     schedule: Literal["warmup_cosine", "step"] = "warmup_cosine"

@@ -376,12 +376,12 @@ class Distiller:
         (distill.quick_eval_epochs > 0), logged as `eval/quick_acc`."""
         from dataclasses import replace
 
-        from ld3m.evaluate.train_eval import TrainData, resolve_lr, train_and_test
+        from ld3m.evaluate.train_eval import TrainData, at_ipc, resolve_lr, train_and_test
 
         epochs = self.cfg.distill.quick_eval_epochs
         if epochs <= 0:
             return None
-        ecfg = replace(self.cfg.eval, epochs=epochs)
+        ecfg = at_ipc(replace(self.cfg.eval, epochs=epochs), self.cfg.distill.ipc)
         synset = load_set(set_path)
         test_images, test_labels = self.data.test_tensors()
         tensors = TrainData(synset.images, synset.labels, test_images, test_labels,

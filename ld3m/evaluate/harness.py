@@ -20,7 +20,7 @@ from ld3m.config.io import to_dict
 from ld3m.config.schema import Config, DataConfig, EvalConfig
 from ld3m.data.datasets import RealDataset, load_dataset
 from ld3m.errors import DataError
-from ld3m.evaluate.train_eval import Labels, TrainData, resolve_lr, train_and_test
+from ld3m.evaluate.train_eval import Labels, TrainData, at_ipc, resolve_lr, train_and_test
 from ld3m.jsonl import append_jsonl, read_jsonl
 from ld3m.models.teacher import load_teacher
 from ld3m.utils.progress import ProgressMode
@@ -89,7 +89,10 @@ def eval_config(cfg: Config) -> EvalConfig:
 
 
 def protocol_key(cfg: EvalConfig) -> str:
-    """Short hash of the result-changing evaluation settings."""
+    """Short hash of the result-changing evaluation settings of a protocol resolved for one
+    IPC (`at_ipc`)."""
+    if cfg.ipc_arch_lr:
+        raise ValueError("protocol_key needs the protocol of one IPC: pass at_ipc(cfg, ipc)")
     fields = {k: v for k, v in to_dict(cfg).items() if k in PROTOCOL_FIELDS}
     if not fields["arch_lr"]:
         del fields["arch_lr"]  # keys of records written before arch_lr existed stay valid
@@ -135,6 +138,7 @@ def evaluate_set(
 ) -> list[dict[str, Any]]:
     """Train `cfg.runs` fresh networks of every `cfg.archs` on the set; return all its records."""
     synset = load_set(set_path)
+    cfg = at_ipc(cfg, synset.meta.ipc)
     data = load_for_set(synset, data_cfg)
     check_compatible(synset, data, set_path)
     test_images, test_labels = data.test_tensors()

@@ -9,7 +9,7 @@ network is reported; nothing is selected by test accuracy.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,11 @@ class RunResult:
     train_acc: float
     lr: float
     wall_s: float
+
+
+def at_ipc(cfg: EvalConfig, ipc: int) -> EvalConfig:
+    """The protocol for a set of `ipc` images per class: `ipc_arch_lr[ipc]` over `arch_lr`."""
+    return replace(cfg, arch_lr={**cfg.arch_lr, **cfg.ipc_arch_lr.get(ipc, {})}, ipc_arch_lr={})
 
 
 def resolve_lr(cfg: EvalConfig, arch: str, learned_lr: float | None) -> float:

@@ -201,9 +201,12 @@ def sweep_dir(spec: SweepSpec) -> Path:
 
 
 def config_hash(cfg: Config) -> str:
-    """8 hex digits of the config's non-default settings, without where it is written or how
-    it reports (a setting added to ld3m later, at its default, keeps every hash)."""
-    tree = {k: v for k, v in nondefault(cfg).items() if k not in ("run.out_dir", "run.progress")}
+    """8 hex digits of the config's non-default settings, without where it is written, how it
+    reports or how its set is evaluated (a setting added to ld3m later, at its default, keeps
+    every hash). A changed evaluation protocol thus reuses the distilled sets: eval.jsonl
+    keys each record by its protocol, so the sweep's rerun evaluates them anew."""
+    tree = {k: v for k, v in nondefault(cfg).items()
+            if k not in ("run.out_dir", "run.progress") and not k.startswith("eval.")}  # fmt: skip
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ld3m.config.schema import EvalConfig
 from ld3m.jsonl import read_jsonl
 from ld3m.paths import RunPaths
 
@@ -34,22 +35,28 @@ def run_dirs(paths: list[Path]) -> list[Path]:
     return out
 
 
-def distill_arch_of(run: Path) -> str:
-    """The run's eval.distill_arch (ConvNet by default)."""
+def run_eval_config(run: Path) -> EvalConfig:
+    """The evaluation settings of the run's config.yaml (defaults where it has none)."""
     from ld3m.config.io import load_config
+    from ld3m.evaluate.harness import eval_config
 
     config = RunPaths(run).config
-    return load_config(config).eval.distill_arch if config.is_file() else "ConvNet"
+    return eval_config(load_config(config)) if config.is_file() else EvalConfig()
 
 
 def load_records(paths: list[Path]) -> pd.DataFrame:
-    """Every evaluation record of the runs, with `run` and `distill_arch` columns added."""
+    """Every evaluation record of the runs, with `run`, `distill_arch` and `config_protocol`
+    (the protocol key of the run's current evaluation settings at the record's IPC) added."""
+    from ld3m.evaluate.harness import protocol_key
+    from ld3m.evaluate.train_eval import at_ipc
+
     rows = []
     for run in run_dirs(paths):
-        arch = distill_arch_of(run)
+        ecfg = run_eval_config(run)
         for record in read_jsonl(RunPaths(run).eval_jsonl):
             rows.append({**record, "method": row_method(record), "run": str(run),
-                         "distill_arch": arch})  # fmt: skip
+                         "distill_arch": ecfg.distill_arch,
+                         "config_protocol": protocol_key(at_ipc(ecfg, record["ipc"]))})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -58,6 +65,20 @@ def row_method(record: dict) -> str:
     from the hard-label protocol's rows."""
     labels = record.get("labels", "hard")
     return record["method"] if labels == "hard" else f"{record['method']}+{labels}"
+
+
+def one_protocol(records: pd.DataFrame) -> pd.DataFrame:
+    """Per run and table row, the records of one evaluation protocol: the run config's (what
+    its sweep evaluates) where there are any, else the protocol written last (e.g. an `ld3m
+    eval` with other settings); never a mean over two protocols."""
+    if records.empty or "protocol" not in records:
+        return records
+    kept = []
+    for _, group in records.groupby(["run", "method"], sort=False):
+        chosen = group[group["protocol"] == group.get("config_protocol")]
+        kept.append(chosen if not chosen.empty else
+                    group[group["protocol"] == group["protocol"].iloc[-1]])  # fmt: skip
+    return pd.concat(kept)
 
 
 def final_records(records: pd.DataFrame) -> pd.DataFrame:
@@ -73,7 +94,7 @@ def summary_table(records: pd.DataFrame) -> pd.DataFrame:
     unseen-architecture mean (mean of the per-architecture means, distillation arch excluded)."""
     if records.empty:
         return pd.DataFrame()
-    df = final_records(records).assign(acc=lambda d: 100 * d["acc"])
+    df = final_records(one_protocol(records)).assign(acc=lambda d: 100 * d["acc"])
     grouped = df.groupby([*ROW_KEYS, "arch"])["acc"]
     stats = pd.DataFrame({"mean": grouped.mean(), "std": grouped.std(ddof=0),
                           "count": grouped.count()})  # population std, as the harness  # fmt: skip

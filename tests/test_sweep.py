@@ -125,11 +125,26 @@ def test_debug_executor_runs_the_whole_study(tmp_path: Path, capsys) -> None:
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")}
     submit_sweep(write_sweep(tmp_path), "debug")
     assert before == {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")}
+    # Another evaluation protocol: the same runs, nothing distilled again, every set evaluated
+    # anew; status and table count the current protocol's networks only.
+    spec = yaml.safe_load(write_sweep(tmp_path).read_text())
+    (tmp_path / "reeval.yaml").write_text(yaml.safe_dump(
+        {**spec, "overrides": [*spec["overrides"], "eval.lr=0.002"]}))  # fmt: skip
+    assert submit_sweep(tmp_path / "reeval.yaml", "debug") == root
+    assert before == {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")}
+    for run in manifest["runs"]:
+        records = [
+            json.loads(x) for x in (Path(run["dir"]) / "eval.jsonl").read_text().splitlines()
+        ]
+        assert sorted(r["lr"] for r in records if r["arch"] == "ConvNetD4") == [1e-3, 0.002]
+        assert len(records) == 4 and len({r["protocol"] for r in records}) == 2
+    assert [(r.eval_n, r.state) for r in sweep_status(root)] == [(1, "done")] * 3
     assert main(["status", str(root)]) == 0
     assert main(["table", str(root)]) == 0
     out = capsys.readouterr().out
     for method in ("pixel_dm", "pixel_mtt", "random_real"):
         assert method in out
+    assert "±" not in out  # one network per cell: the two protocols are never averaged
     assert (root / "report" / "results.csv").is_file()
     assert (root / "report" / "results.tex").is_file()
     assert (root / "report" / "loss.png").is_file()

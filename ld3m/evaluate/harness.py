@@ -106,6 +106,11 @@ def protocol_key(cfg: EvalConfig) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def protocol_at(cfg: EvalConfig, ipc: int) -> str:
+    """The protocol key with which `cfg` evaluates a set of `ipc` images per class."""
+    return protocol_key(at_ipc(cfg, ipc))
+
+
 def check_compatible(synset: SyntheticSet, data: RealDataset, set_path: Path) -> None:
     """The set must have been made from this dataset's classes, channels and resolution."""
     meta, info = synset.meta, data.info

@@ -47,8 +47,7 @@ def run_eval_config(run: Path) -> EvalConfig:
 def load_records(paths: list[Path]) -> pd.DataFrame:
     """Every evaluation record of the runs, with `run`, `distill_arch` and `config_protocol`
     (the protocol key of the run's current evaluation settings at the record's IPC) added."""
-    from ld3m.evaluate.harness import protocol_key
-    from ld3m.evaluate.train_eval import at_ipc
+    from ld3m.evaluate.harness import protocol_at
 
     rows = []
     for run in run_dirs(paths):
@@ -56,7 +55,7 @@ def load_records(paths: list[Path]) -> pd.DataFrame:
         for record in read_jsonl(RunPaths(run).eval_jsonl):
             rows.append({**record, "method": row_method(record), "run": str(run),
                          "distill_arch": ecfg.distill_arch,
-                         "config_protocol": protocol_key(at_ipc(ecfg, record["ipc"]))})  # fmt: skip
+                         "config_protocol": protocol_at(ecfg, record["ipc"])})  # fmt: skip
     return pd.DataFrame(rows)
 
 

@@ -28,15 +28,25 @@ def test_formatted_table_shows_spread_only_over_several_networks() -> None:
     assert list(formatted(table).columns)[3:] == ["ConvNet", "ResNet18", "ViT", UNSEEN]
 
 
-def test_a_run_shows_its_config_protocol_else_the_newest_never_a_mix() -> None:
+def test_a_run_shows_its_config_protocol_never_a_mix() -> None:
     rows = records([("dm", "ConvNet", 10, 0, 0.50), ("dm", "ConvNet", 10, 0, 0.70),
                     ("dm", "ViT", 10, 0, 0.30), ("dc", "ConvNet", 10, 0, 0.40),
-                    ("dc", "ConvNet", 10, 0, 0.20)])  # fmt: skip
-    rows["protocol"] = ["old", "new", "old", "a", "b"]
-    rows["config_protocol"] = ["new", "new", "new", "c", "c"]
+                    ("dc", "ConvNet", 10, 0, 0.20), ("mtt", "ConvNet", 10, 0, 0.60)])  # fmt: skip
+    rows["protocol"] = ["old", "new", "old", "a", "b", "old"]
+    rows["config_protocol"] = ["new", "new", "new", "c", "c", "new"]
+    rows["labels"] = ["hard", "hard", "hard", "teacher", "teacher", None]
+    rows["config_labels"] = "hard"
     table = summary_table(rows)
     # dm: the config's protocol only (its ViT network is of the old protocol: not shown);
-    # dc: no record of the config's protocol, so the one written last.
+    # mtt: nothing of the config's protocol yet, so no row; dc (soft labels on a hard-label
+    # run, an ad-hoc evaluation): the protocol written last.
     assert table.loc[("d", "dm", 10), ("mean", "ConvNet")] == 70.0
     assert ("mean", "ViT") not in table.columns
     assert table.loc[("d", "dc", 10), ("mean", "ConvNet")] == 20.0
+    assert ("d", "mtt", 10) not in table.index
+
+
+def test_no_record_of_the_current_protocol_is_an_empty_table() -> None:
+    rows = records([("dm", "ConvNet", 10, 0, 0.50)])
+    rows["protocol"], rows["config_protocol"], rows["config_labels"] = "old", "new", "hard"
+    assert summary_table(rows).empty

@@ -45,8 +45,9 @@ def run_eval_config(run: Path) -> EvalConfig:
 
 
 def load_records(paths: list[Path]) -> pd.DataFrame:
-    """Every evaluation record of the runs, with `run`, `distill_arch` and `config_protocol`
-    (the protocol key of the run's current evaluation settings at the record's IPC) added."""
+    """Every evaluation record of the runs, with `run`, `distill_arch`, `config_protocol` (the
+    protocol key of the run's current evaluation settings at the record's IPC) and
+    `config_labels` added."""
     from ld3m.evaluate.harness import protocol_at
 
     rows = []
@@ -55,7 +56,8 @@ def load_records(paths: list[Path]) -> pd.DataFrame:
         for record in read_jsonl(RunPaths(run).eval_jsonl):
             rows.append({**record, "method": row_method(record), "run": str(run),
                          "distill_arch": ecfg.distill_arch,
-                         "config_protocol": protocol_at(ecfg, record["ipc"])})  # fmt: skip
+                         "config_protocol": protocol_at(ecfg, record["ipc"]),
+                         "config_labels": ecfg.labels})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -67,17 +69,21 @@ def row_method(record: dict) -> str:
 
 
 def one_protocol(records: pd.DataFrame) -> pd.DataFrame:
-    """Per run and table row, the records of one evaluation protocol: the run config's (what
-    its sweep evaluates) where there are any, else the protocol written last (e.g. an `ld3m
-    eval` with other settings); never a mean over two protocols."""
-    if records.empty or "protocol" not in records:
+    """Per run and table row, the records of one evaluation protocol, never a mean over two:
+    in the row of the run config's labels the config's protocol (what its sweep evaluates;
+    none yet = not shown), in another row (e.g. an `ld3m eval` with soft labels on a
+    hard-label run) the protocol written last."""
+    if records.empty or "config_protocol" not in records:
         return records
+    labels = records["labels"].fillna("hard") if "labels" in records else "hard"
+    records = records.assign(own_row=labels == records["config_labels"])
     kept = []
     for _, group in records.groupby(["run", "method"], sort=False):
-        chosen = group[group["protocol"] == group.get("config_protocol")]
-        kept.append(chosen if not chosen.empty else
-                    group[group["protocol"] == group["protocol"].iloc[-1]])  # fmt: skip
-    return pd.concat(kept)
+        if group["own_row"].any():
+            kept.append(group[group["protocol"] == group["config_protocol"]])
+        else:
+            kept.append(group[group["protocol"] == group["protocol"].iloc[-1]])
+    return pd.concat(kept).drop(columns="own_row")
 
 
 def final_records(records: pd.DataFrame) -> pd.DataFrame:
@@ -91,9 +97,10 @@ def final_records(records: pd.DataFrame) -> pd.DataFrame:
 def summary_table(records: pd.DataFrame) -> pd.DataFrame:
     """Rows (dataset, method, ipc); per architecture `mean`, `std`, `n` of accuracy in %, and the
     unseen-architecture mean (mean of the per-architecture means, distillation arch excluded)."""
+    records = one_protocol(records)
     if records.empty:
         return pd.DataFrame()
-    df = final_records(one_protocol(records)).assign(acc=lambda d: 100 * d["acc"])
+    df = final_records(records).assign(acc=lambda d: 100 * d["acc"])
     grouped = df.groupby([*ROW_KEYS, "arch"])["acc"]
     stats = pd.DataFrame({"mean": grouped.mean(), "std": grouped.std(ddof=0),
                           "count": grouped.count()})  # population std, as the harness  # fmt: skip

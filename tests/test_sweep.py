@@ -376,6 +376,12 @@ def test_more_architectures_only_for_the_named_methods_and_ipcs(tmp_path: Path) 
     assert tasks["dm"] == [("ConvNetD3", 0), ("ConvNetD4", 0), ("MLP", 0)]
     assert tasks["mtt"] == [("ConvNetD3", 0)]  # pixel_mtt is not named
     assert tasks["real_ipc"] == [("ConvNetD3", 0), ("ConvNetD4", 0), ("MLP", 0)]
+    # Queued column by column: every set on ConvNetD3 before any on the extra architectures.
+    (stage,) = [s for s in plan(spec, runs) if s.name == "eval"]
+    queued = [(Path(task[1]).parent.name.split("-")[1], task[3]) for task in stage.tasks]
+    assert queued == [("dm", "ConvNetD3"), ("mtt", "ConvNetD3"), ("real_ipc", "ConvNetD3"),
+                      ("dm", "ConvNetD4"), ("real_ipc", "ConvNetD4"),
+                      ("dm", "MLP"), ("real_ipc", "MLP")]  # fmt: skip
     with pytest.raises(ConfigError, match=r"unknown config key 'eval\.more\.arch'"):
         load_sweep(write_sweep(tmp_path, eval={"more": [{"arch": ["MLP"]}]}))
 

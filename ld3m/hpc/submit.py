@@ -3,7 +3,8 @@
 Each task waits only for what it reads (`plan`): the prior (with train_prior), the expert
 buffer shards and the random-real baselines need nothing and start at once; a HeLlO projector
 needs its experts; a distillation run its prior and experts; an evaluation task (final set x
-architecture x seed) its run, and for soft labels its teacher or projector.
+architecture x seed) its run, and for soft labels its teacher or projector. Evaluations are
+queued architecture by architecture (`column_major`), so a study cut short has whole columns.
 On Slurm (`--executor slurm`) every stage is one job array with `afterok` on the arrays it
 needs, and the command returns as soon as everything is queued (or, with wait, when it is
 done). The `local` executor puts every task in one queue shared by `array_parallelism` local
@@ -92,14 +93,23 @@ def plan(spec: SweepSpec, runs: list[RunSpec]) -> list[Stage]:
         kind = run.kind  # "distill" or "baseline"
         reads = distill_reads(run) if kind == "distill" else ()
         stage[kind].add((kind, str(run.config_path)), f"run:{run.dir}", reads)
-    for run in runs:
-        for arch, seed in eval_tasks(spec, run):
-            stage["eval"].add(("eval", str(run.config_path), run.kind, arch, seed),
-                              reads=eval_reads(run))  # fmt: skip
+    for run, arch, seed in column_major(spec, runs):
+        stage["eval"].add(("eval", str(run.config_path), run.kind, arch, seed),
+                          reads=eval_reads(run))  # fmt: skip
     selected = {*spec.stages, *(("baseline",) if "distill" in spec.stages else ())}
     stages = [s for n, s in stage.items() if n in selected and s.tasks]
     makers = {key: s.name for s in stages for key in s.provides if key}
     return [replace(s, after=stage_after(s, makers)) for s in stages]
+
+
+def column_major(spec: SweepSpec, runs: list[RunSpec]) -> list[tuple[RunSpec, str, int]]:
+    """Every evaluation of the sweep as (run, architecture, seed), architecture by architecture
+    in the order the sweep first names them, runs in sweep order within one: a study that
+    stops early (a local one out of time, a cluster one out of allocation) leaves whole columns
+    of its table, every set on ConvNet before any on the costly unseen architectures."""
+    evals = [(run, arch, seed) for run in runs for arch, seed in eval_tasks(spec, run)]
+    column = {arch: i for i, arch in enumerate(dict.fromkeys(arch for _, arch, _ in evals))}
+    return sorted(evals, key=lambda e: column[e[1]])  # stable: sweep order within a column
 
 
 def first_run_per(runs: list[RunSpec], key: Callable[[RunSpec], str]) -> dict[str, RunSpec]:

@@ -50,3 +50,16 @@ def test_no_record_of_the_current_protocol_is_an_empty_table() -> None:
     rows = records([("dm", "ConvNet", 10, 0, 0.50)])
     rows["protocol"], rows["config_protocol"], rows["config_labels"] = "old", "new", "hard"
     assert summary_table(rows).empty
+
+
+def test_unseen_mean_only_where_a_row_has_every_unseen_architecture_of_its_dataset() -> None:
+    # a sweep cut short: dm has ViT and ResNet18, dc only ViT, mtt only ConvNet
+    table = summary_table(records([
+        ("dm", "ConvNet", 10, 0, 0.50), ("dm", "ViT", 10, 0, 0.30), ("dm", "ResNet18", 10, 0, 0.20),
+        ("dc", "ConvNet", 10, 0, 0.40), ("dc", "ViT", 10, 0, 0.10),
+        ("mtt", "ConvNet", 10, 0, 0.60),
+    ]))  # fmt: skip
+    unseen = table[("mean", UNSEEN)]
+    assert unseen.loc[("d", "dm", 10)] == 25.0
+    assert pd.isna(unseen.loc[("d", "dc", 10)])  # not ViT alone against dm's ViT + ResNet18
+    assert pd.isna(unseen.loc[("d", "mtt", 10)])

@@ -96,7 +96,8 @@ def final_records(records: pd.DataFrame) -> pd.DataFrame:
 
 def summary_table(records: pd.DataFrame) -> pd.DataFrame:
     """Rows (dataset, method, ipc); per architecture `mean`, `std`, `n` of accuracy in %, and the
-    unseen-architecture mean (mean of the per-architecture means, distillation arch excluded)."""
+    unseen-architecture mean (mean of the per-architecture means, distillation arch excluded;
+    see `unseen_means`)."""
     records = one_protocol(records)
     if records.empty:
         return pd.DataFrame()
@@ -106,11 +107,22 @@ def summary_table(records: pd.DataFrame) -> pd.DataFrame:
                           "count": grouped.count()})  # population std, as the harness  # fmt: skip
     table = stats.unstack("arch")
     distill = df.groupby(ROW_KEYS)["distill_arch"].first()
-    means = table["mean"]
-    unseen = [means.loc[idx, [a for a in means.columns if a != distill.loc[idx]]].mean()
-              for idx in means.index]  # fmt: skip
-    table[("mean", UNSEEN)] = unseen
+    table[("mean", UNSEEN)] = unseen_means(table["mean"], distill)
     return table
+
+
+def unseen_means(means: pd.DataFrame, distill_arch: pd.Series) -> list[float]:
+    """Per row, the mean over the architectures it was not distilled with; NaN where the row
+    lacks one that another row of its dataset has (a sweep cut short), so that two rows'
+    unseen means always average the same architectures."""
+    out = []
+    for idx in means.index:
+        same_dataset = means.xs(idx[0], level="dataset", drop_level=False)
+        unseen = [a for a in means.columns if a != distill_arch.loc[idx]
+                  and same_dataset[a].notna().any()]  # fmt: skip
+        row = means.loc[idx, unseen]
+        out.append(row.mean() if unseen and row.notna().all() else float("nan"))
+    return out
 
 
 def archs_in_order(table: pd.DataFrame) -> list[str]:

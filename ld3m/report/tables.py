@@ -115,13 +115,12 @@ def unseen_means(means: pd.DataFrame, distill_arch: pd.Series) -> list[float]:
     """Per row, the mean over the architectures it was not distilled with; NaN where the row
     lacks one that another row of its dataset has (a sweep cut short), so that two rows'
     unseen means always average the same architectures."""
+    measured = means.notna().groupby(level="dataset").any()  # dataset x arch: any row has it
     out = []
     for idx in means.index:
-        same_dataset = means.xs(idx[0], level="dataset", drop_level=False)
-        unseen = [a for a in means.columns if a != distill_arch.loc[idx]
-                  and same_dataset[a].notna().any()]  # fmt: skip
-        row = means.loc[idx, unseen]
-        out.append(row.mean() if unseen and row.notna().all() else float("nan"))
+        archs = measured.columns[measured.loc[idx[0]]]
+        unseen = [a for a in archs if a != distill_arch.loc[idx]]
+        out.append(means.loc[idx, unseen].mean(skipna=False))  # NaN if one is missing or none
     return out
 
 

@@ -22,6 +22,7 @@ from ld3m.evaluate.harness import (
     format_summary,
     protocol_key,
     summarize,
+    trains_as,
     unseen_mean,
 )
 from ld3m.evaluate.train_eval import (
@@ -31,6 +32,7 @@ from ld3m.evaluate.train_eval import (
     resolve_lr,
     train_and_test,
 )
+from ld3m.jsonl import read_jsonl
 
 
 def separable(n_per_class: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +180,35 @@ def test_per_ipc_learning_rates_apply_to_sets_of_their_ipc(
     assert keys[10] == protocol_key(dataclasses.replace(cfg, ipc_arch_lr={})) != keys[1]
     with pytest.raises(ValueError, match="at_ipc"):
         protocol_key(cfg)
+
+
+def test_a_changed_rate_reevaluates_only_the_networks_it_trains(
+    mnist: DataConfig, tmp_path: Path, monkeypatch
+) -> None:
+    trained: list[tuple[str, float]] = []
+
+    def fake(arch, data, ecfg, lr, *a) -> RunResult:
+        trained.append((arch, lr))
+        return RunResult(acc=0.5, train_acc=1.0, lr=lr, wall_s=0.0)
+
+    monkeypatch.setattr(harness, "train_and_test", fake)
+    cfg = dataclasses.replace(load_config(None, ["eval.lr=0.01"]).eval,
+                              archs=("AlexNet", "ConvNet"), runs=1)  # fmt: skip
+    data = load_dataset(mnist)
+    path = save_set(tmp_path / "set.safetensors", random_real_set(data, 10, seed=0))
+    out = tmp_path / "eval.jsonl"
+    evaluate_set(path, mnist, cfg, out, "off")
+    # AlexNet's rate changed at IPC 10 (the protocol key of every IPC-10 record changes):
+    # only AlexNet trains again; ConvNet's network is trained as before and is kept.
+    slower = dataclasses.replace(cfg, ipc_arch_lr={10: {"AlexNet": 0.003}})
+    records = evaluate_set(path, mnist, slower, out, "off")
+    assert trained == [("AlexNet", 0.01), ("ConvNet", 0.01), ("AlexNet", 0.003)]
+    assert [r["lr"] for r in records] == [0.003, 0.01]
+    old_alexnet, convnet = list(read_jsonl(out))[:2]
+    assert trains_as(convnet, slower) and not trains_as(old_alexnet, slower)
+    assert not trains_as(convnet, dataclasses.replace(slower, epochs=slower.epochs + 1))
+    evaluate_set(path, mnist, slower, out, "off")  # a rerun trains nothing
+    assert len(trained) == 3
 
 
 def test_eval_refuses_a_set_from_another_dataset(mnist: DataConfig, tmp_path: Path) -> None:

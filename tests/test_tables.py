@@ -33,7 +33,7 @@ def test_a_run_shows_its_config_protocol_never_a_mix() -> None:
                     ("dm", "ViT", 10, 0, 0.30), ("dc", "ConvNet", 10, 0, 0.40),
                     ("dc", "ConvNet", 10, 0, 0.20), ("mtt", "ConvNet", 10, 0, 0.60)])  # fmt: skip
     rows["protocol"] = ["old", "new", "old", "a", "b", "old"]
-    rows["config_protocol"] = ["new", "new", "new", "c", "c", "new"]
+    rows["current"] = [False, True, False, False, False, False]
     rows["labels"] = ["hard", "hard", "hard", "teacher", "teacher", None]
     rows["config_labels"] = "hard"
     table = summary_table(rows)
@@ -48,7 +48,7 @@ def test_a_run_shows_its_config_protocol_never_a_mix() -> None:
 
 def test_no_record_of_the_current_protocol_is_an_empty_table() -> None:
     rows = records([("dm", "ConvNet", 10, 0, 0.50)])
-    rows["protocol"], rows["config_protocol"], rows["config_labels"] = "old", "new", "hard"
+    rows["protocol"], rows["current"], rows["config_labels"] = "old", False, "hard"
     assert summary_table(rows).empty
 
 

@@ -1,7 +1,7 @@
 """`ld3m eval`: architectures x run seeds for one synthetic-set file, recorded in eval.jsonl.
 
 Each finished network appends one record; a rerun (e.g. after preemption) skips the
-(set, architecture, seed, protocol) combinations already recorded.
+(set, architecture, seed) combinations already recorded under the same training settings.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,19 +97,43 @@ def protocol_key(cfg: EvalConfig) -> str:
     fields = {k: v for k, v in to_dict(cfg).items() if k in PROTOCOL_FIELDS}
     if not fields["arch_lr"]:
         del fields["arch_lr"]  # keys of records written before arch_lr existed stay valid
-    unused = [
-        k for labels, keys in LABEL_FIELDS.items() if labels != fields["labels"] for k in keys
-    ]
-    if fields["labels"] == "hard":  # ... and before soft labels existed
+    return _digest(_used(fields))
+
+
+def network_key(fields: Mapping[str, Any]) -> str:
+    """Short hash of how one network is trained: the protocol fields of a record (or of a
+    protocol with `lr` resolved for the network's architecture), `arch_lr` left out, so only
+    the rate this network trains at counts."""
+    used = {k: fields.get(k) for k in PROTOCOL_FIELDS if k != "arch_lr"}
+    if used["learned_lr"]:
+        used["lr"] = "learned"  # the set's own rate: the same for every record of a set
+    return _digest(_used(used))
+
+
+def trains_as(record: Mapping[str, Any], cfg: EvalConfig) -> bool:
+    """Whether the network of `record` was trained as `cfg` trains it now (at the record's IPC):
+    a rate changed for one architecture or IPC makes only those networks stale, not the other
+    architectures' of the same protocol."""
+    cfg = at_ipc(cfg, record["ipc"])
+    if record.get("protocol") == protocol_key(cfg):
+        return True
+    if "arch" not in record or "lr" not in record:
+        return False
+    lr = resolve_lr(cfg, record["arch"], None)
+    return network_key(record) == network_key({**to_dict(cfg), "lr": lr})
+
+
+def _used(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` without the label settings its label source does not read."""
+    labels = fields.get("labels") or "hard"
+    unused = [k for source, keys in LABEL_FIELDS.items() if source != labels for k in keys]
+    if labels == "hard":  # keys of records written before soft labels existed stay valid
         unused.append("labels")
-    for key in unused:
-        del fields[key]
+    return {k: v for k, v in fields.items() if k not in unused}
+
+
+def _digest(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def protocol_at(cfg: EvalConfig, ipc: int) -> str:
-    """The protocol key with which `cfg` evaluates a set of `ipc` images per class."""
-    return protocol_key(at_ipc(cfg, ipc))
 
 
 def check_compatible(synset: SyntheticSet, data: RealDataset, set_path: Path) -> None:
@@ -164,7 +189,7 @@ def evaluate_set(
     done = {
         (r["arch"], r["seed"]): r
         for r in read_jsonl(out_jsonl)
-        if r.get("set_digest") == base["set_digest"] and r.get("protocol") == base["protocol"]
+        if r.get("set_digest") == base["set_digest"] and trains_as(r, cfg)
     }
     records = []
     for arch in cfg.archs:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ld3m.checkpoint import CheckpointManager
 from ld3m.config.io import load_config
-from ld3m.evaluate.harness import eval_config, protocol_at
+from ld3m.evaluate.harness import eval_config, trains_as
 from ld3m.hpc.jobs import final_set
 from ld3m.hpc.sweep import read_manifest
 from ld3m.jsonl import read_jsonl
@@ -88,7 +88,7 @@ def run_status(run: dict[str, Any], job_state: str | None) -> RunStatus:
     ecfg = eval_config(cfg)
     accs = [r["acc"] for r in read_jsonl(paths.eval_jsonl)  # the current protocol's networks
             if r.get("arch") == ecfg.distill_arch
-            and r.get("protocol") == protocol_at(ecfg, r["ipc"])]  # fmt: skip
+            and trains_as(r, ecfg)]  # fmt: skip
     iterations = cfg.distill.iterations if kind == "distill" else None
     return RunStatus(
         run["name"], kind, state, step, iterations, loss[1] if loss else None,

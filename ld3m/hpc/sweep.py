@@ -204,7 +204,8 @@ def config_hash(cfg: Config) -> str:
     """8 hex digits of the config's non-default settings, without where it is written, how it
     reports or how its set is evaluated (a setting added to ld3m later, at its default, keeps
     every hash). A changed evaluation protocol thus reuses the distilled sets: eval.jsonl
-    keys each record by its protocol, so the sweep's rerun evaluates them anew."""
+    records how each network was trained, so the sweep's rerun trains only the networks the
+    new protocol trains differently."""
     tree = {k: v for k, v in nondefault(cfg).items()
             if k not in ("run.out_dir", "run.progress") and not k.startswith("eval.")}  # fmt: skip
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:8]

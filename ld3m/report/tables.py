@@ -45,10 +45,10 @@ def run_eval_config(run: Path) -> EvalConfig:
 
 
 def load_records(paths: list[Path]) -> pd.DataFrame:
-    """Every evaluation record of the runs, with `run`, `distill_arch`, `config_protocol` (the
-    protocol key of the run's current evaluation settings at the record's IPC) and
+    """Every evaluation record of the runs, with `run`, `distill_arch`, `current` (whether the
+    run's evaluation settings still train the record's network so, `trains_as`) and
     `config_labels` added."""
-    from ld3m.evaluate.harness import protocol_at
+    from ld3m.evaluate.harness import trains_as
 
     rows = []
     for run in run_dirs(paths):
@@ -56,7 +56,7 @@ def load_records(paths: list[Path]) -> pd.DataFrame:
         for record in read_jsonl(RunPaths(run).eval_jsonl):
             rows.append({**record, "method": row_method(record), "run": str(run),
                          "distill_arch": ecfg.distill_arch,
-                         "config_protocol": protocol_at(ecfg, record["ipc"]),
+                         "current": trains_as(record, ecfg),
                          "config_labels": ecfg.labels})  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -70,17 +70,17 @@ def row_method(record: dict) -> str:
 
 def one_protocol(records: pd.DataFrame) -> pd.DataFrame:
     """Per run and table row, the records of one evaluation protocol, never a mean over two:
-    in the row of the run config's labels the config's protocol (what its sweep evaluates;
-    none yet = not shown), in another row (e.g. an `ld3m eval` with soft labels on a
-    hard-label run) the protocol written last."""
-    if records.empty or "config_protocol" not in records:
+    in the row of the run config's labels the networks its settings still train so (what its
+    sweep evaluates; none yet = not shown), in another row (e.g. an `ld3m eval` with soft
+    labels on a hard-label run) the protocol written last."""
+    if records.empty or "current" not in records:
         return records
     labels = records["labels"].fillna("hard") if "labels" in records else "hard"
     records = records.assign(own_row=labels == records["config_labels"])
     kept = []
     for _, group in records.groupby(["run", "method"], sort=False):
         if group["own_row"].any():
-            kept.append(group[group["protocol"] == group["config_protocol"]])
+            kept.append(group[group["current"]])
         else:
             kept.append(group[group["protocol"] == group["protocol"].iloc[-1]])
     return pd.concat(kept).drop(columns="own_row")
